@@ -1,0 +1,24 @@
+"""ddpm: train unconditional image diffusion models in pure PyTorch, from one CPU to many GPUs, and hand the result
+to diffusers (``DDPMPipeline.from_pretrained``) and the Hugging Face Hub."""
+
+from .ema import EMA
+from .sampling import ddim_sample, ddpm_sample, ddpm_step, inference_timesteps, make_grid, save_grid, to_uint8
+from .schedule import NoiseSchedule, ScheduleConfig
+from .unet import UNet, UNetConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMA",
+    "NoiseSchedule",
+    "ScheduleConfig",
+    "UNet",
+    "UNetConfig",
+    "ddim_sample",
+    "ddpm_sample",
+    "ddpm_step",
+    "inference_timesteps",
+    "make_grid",
+    "save_grid",
+    "to_uint8",
+]

@@ -1,0 +1,165 @@
+"""Training checkpoints: a self-describing folder, written atomically, read without unpickling.
+
+Layout of ``checkpoint-N/``::
+
+    config.json          {"format": "ddpm-checkpoint", "version": 1, "step": N,
+                          "unet": UNetConfig, "schedule": ScheduleConfig, "run": the run's flags (no token)}
+    model.safetensors    live weights, keyed exactly like a diffusers UNet2DModel state dict
+    ema.safetensors      EMA weights (runs with EMA only)
+    training_state.pt    optimizer, LR scheduler, GradScaler, EMA counters, position in the data stream
+    rng_state_{rank}.pt  each rank's RNG states
+
+``config.json`` is written last inside a temporary folder that is then renamed, so a folder named ``checkpoint-N``
+is always complete; a crash mid-write leaves only a ``.tmp-*`` folder that nothing picks up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .schedule import ScheduleConfig
+from .unet import UNetConfig
+
+FORMAT = "ddpm-checkpoint"
+VERSION = 1
+CONFIG_NAME = "config.json"
+MODEL_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
+STATE_NAME = "training_state.pt"
+
+
+@contextmanager
+def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final_path``; on success it replaces ``final_path``, on error it is removed.
+
+    An existing ``final_path`` is only removed once the new folder is complete, so a failure at any point leaves
+    the previous content intact.
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_path.name}-", dir=final_path.parent))
+    try:
+        yield tmp
+        _fsync_dir_tree(tmp)
+        if final_path.exists():
+            old = final_path.with_name(f".old-{final_path.name}-{os.getpid()}")
+            final_path.rename(old)
+            tmp.rename(final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir_tree(root: Path) -> None:
+    """Flush file contents to disk before the rename makes them visible (a power cut must not expose zeros)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object; errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing file {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Save contiguous CPU tensors with the ``{"format": "pt"}`` metadata diffusers and transformers expect."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file on the CPU; a truncated or corrupt file gives an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt or truncated weights file {path}: {e}") from e
+
+
+def read_torch_state(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary pickled objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip archives, refused globals all land here
+        raise ValueError(f"cannot load {path} (corrupt, truncated or not a plain-tensor file): {e}") from e
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a complete training checkpoint folder."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() and (path / MODEL_NAME).is_file()
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N for a folder named ``checkpoint-N``, else None."""
+    prefix, _, number = Path(path).name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-N`` folders in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if checkpoint_step(p) is not None and is_checkpoint(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json``, checked for format and version."""
+    config = read_json(Path(path) / CONFIG_NAME)
+    if config.get("format") != FORMAT:
+        raise ValueError(
+            f"{Path(path) / CONFIG_NAME}: not a ddpm training checkpoint (format={config.get('format')!r})"
+        )
+    if config.get("version") != VERSION:
+        raise ValueError(f"{Path(path) / CONFIG_NAME}: unsupported checkpoint version {config.get('version')!r}")
+    return config
+
+
+def load_checkpoint_model(
+    path: str | Path, use_ema: bool = True
+) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The model of a training checkpoint: configs, weights (EMA when present and asked for) and its config.json."""
+    path = Path(path)
+    config = read_checkpoint_config(path)
+    try:
+        unet_config = UNetConfig.from_dict(config["unet"])
+        schedule_config = ScheduleConfig.from_dict(config["schedule"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / CONFIG_NAME}: bad model description: {e}") from e
+    weights = path / EMA_NAME if use_ema and (path / EMA_NAME).is_file() else path / MODEL_NAME
+    return unet_config, schedule_config, read_safetensors(weights), config

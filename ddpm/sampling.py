@@ -1,0 +1,190 @@
+"""Samplers (ancestral DDPM and DDIM) and helpers to turn samples into pictures.
+
+:func:`ddpm_sample` draws its random numbers in the same order and with the same arithmetic as diffusers'
+``DDPMPipeline`` + ``DDPMScheduler`` (one ``randn`` for the initial noise, then one per step with ``t > 0``), so the
+same weights and the same ``torch.Generator`` seed give the same images. :func:`ddim_sample` matches
+``DDIMScheduler`` (``set_alpha_to_one=True``) in the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .schedule import NoiseSchedule, ScheduleConfig
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def inference_timesteps(config: ScheduleConfig, num_inference_steps: int) -> list[int]:
+    """The descending timesteps a sampler visits, as ``DDPMScheduler.set_timesteps`` spaces them."""
+    t_max = config.num_train_timesteps
+    if not 1 <= num_inference_steps <= t_max:
+        raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, num_train_timesteps={t_max}]")
+    if config.timestep_spacing == "linspace":
+        steps = np.linspace(0, t_max - 1, num_inference_steps).round()[::-1]
+    elif config.timestep_spacing == "leading":
+        steps = (np.arange(num_inference_steps) * (t_max // num_inference_steps)).round()[::-1] + config.steps_offset
+    else:  # trailing
+        steps = np.round(np.arange(t_max, 0, -t_max / num_inference_steps)) - 1
+    return [int(t) for t in steps.astype(np.int64)]
+
+
+def _predict_x0_eps(
+    schedule: NoiseSchedule, model_output: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x0 and epsilon implied by the model output (epsilon is computed lazily by DDIM only)."""
+    kind = schedule.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - ab_t) ** 0.5 * model_output) / ab_t**0.5, model_output
+    if kind == "v_prediction":
+        return ab_t**0.5 * x_t - (1 - ab_t) ** 0.5 * model_output, ab_t**0.5 * model_output + (1 - ab_t) ** 0.5 * x_t
+    return model_output, None
+
+
+def _clip(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    cfg = schedule.config
+    return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range) if cfg.clip_sample else x0
+
+
+def _initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``randn`` on the generator's device, then moved, as diffusers' ``randn_tensor`` does."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return _initial_noise(tuple(x.shape), generator, x.device, x.dtype)
+
+
+def _image_shape(model: torch.nn.Module, batch_size: int) -> tuple[int, int, int, int]:
+    cfg = model.config
+    return (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    batch_size: int,
+    *,
+    num_inference_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral DDPM sampling; returns images in [-1, 1] (not clamped), shaped ``[B, C, H, W]``.
+
+    ``num_inference_steps`` defaults to the number of training steps; fewer gives respaced DDPM over
+    :func:`inference_timesteps`. The model runs on its own device and dtype.
+    """
+    device, dtype = _model_device_dtype(model)
+    steps = inference_timesteps(schedule.config, num_inference_steps or schedule.num_train_timesteps)
+    x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
+    for i, t in enumerate(tqdm(steps, desc="DDPM", disable=not progress, leave=False)):
+        prev_t = steps[i + 1] if i + 1 < len(steps) else -1
+        x = ddpm_step(schedule, model(x, torch.tensor(t, device=device)), t, prev_t, x, generator)
+    return x
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    out: torch.Tensor,
+    t: int,
+    prev_t: int,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One ancestral step from ``t`` to ``prev_t`` (-1 after the last) over the possibly respaced grid.
+
+    Across a skipped interval the effective beta is ``1 - abar_t / abar_prev`` (respaced DDPM).
+    """
+    ab_t = schedule.alphas_cumprod[t]
+    ab_prev = schedule.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+    alpha_t = ab_t / ab_prev
+    beta_t = 1 - alpha_t
+    x0 = _clip(schedule, _predict_x0_eps(schedule, out, x, ab_t)[0])
+    mean = (ab_prev**0.5 * beta_t) / (1 - ab_t) * x0 + alpha_t**0.5 * (1 - ab_prev) / (1 - ab_t) * x
+    if t == 0:
+        return mean
+    noise = _randn_like(out, generator)
+    variance = torch.clamp((1 - ab_prev) / (1 - ab_t) * beta_t, min=1e-20)
+    if schedule.config.variance_type == "fixed_large":
+        variance = beta_t
+    return mean + variance**0.5 * noise
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    batch_size: int,
+    *,
+    num_inference_steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampling (``eta=0`` deterministic, ``eta=1`` DDPM-like); returns images in [-1, 1]."""
+    if eta < 0:
+        raise ValueError(f"eta={eta} must be >= 0")
+    device, dtype = _model_device_dtype(model)
+    steps = inference_timesteps(schedule.config, num_inference_steps)
+    ratio = schedule.num_train_timesteps // num_inference_steps
+    x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
+    for t in tqdm(steps, desc="DDIM", disable=not progress, leave=False):
+        out = model(x, torch.tensor(t, device=device))
+        prev_t = t - ratio  # DDIMScheduler's rule, whatever the spacing
+        ab_t = schedule.alphas_cumprod[t]
+        ab_prev = schedule.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+        x0, eps = _predict_x0_eps(schedule, out, x, ab_t)
+        if eps is None:  # sample prediction
+            eps = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
+        x0 = _clip(schedule, x0)
+        std = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5
+        x = ab_prev**0.5 * x0 + (1 - ab_prev - std**2) ** 0.5 * eps
+        if eta > 0:
+            x = x + std * _randn_like(out, generator)
+    return x
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] ``[B, C, H, W]`` tensors to uint8 ``[B, H, W, C]`` arrays, rounded as ``DDPMPipeline`` does."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """A PIL image tiling uint8 NHWC ``images`` in rows of ``nrow`` (default: a near-square grid)."""
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y : y + h, x : x + w] = img
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
+    """Write a PNG grid of [-1, 1] tensors or uint8 NHWC arrays; returns the path."""
+    array = to_uint8(images) if isinstance(images, torch.Tensor) else images
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    make_grid(array, nrow).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

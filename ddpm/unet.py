@@ -1,0 +1,411 @@
+"""The residual-attention UNet of DDPM, numerically identical to diffusers' ``UNet2DModel``.
+
+Every parameter has exactly the name it has in a diffusers state dict (``down_blocks.1.attentions.0.to_q.weight``
+...), so weights move between the two without a rename table. Only the configurations of ``UNet2DModel`` built from
+``DownBlock2D``, ``AttnDownBlock2D``, ``UNetMidBlock2D``, ``UpBlock2D`` and ``AttnUpBlock2D`` with positional time
+embeddings are implemented; anything else is refused by :class:`UNetConfig` with the offending key named.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
+UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+
+# diffusers config keys that do not change the maths when they hold these values; other values are refused.
+_ACCEPTED_FIXED_KEYS: dict[str, tuple[Any, ...]] = {
+    "time_embedding_type": ("positional",),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "num_train_timesteps": (None,),  # only used by learned time embeddings
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "mid_block_type": ("UNetMidBlock2D",),
+}
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of a :class:`UNet`; the field names and defaults are those of ``UNet2DModel``'s config."""
+
+    sample_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    center_input_sample: bool = False
+    time_embedding_dim: int | None = None
+    freq_shift: int = 0
+    flip_sin_to_cos: bool = True
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
+    layers_per_block: int = 2
+    mid_block_scale_factor: float = 1
+    downsample_padding: int = 1
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    attention_head_dim: int | None = 8
+    norm_num_groups: int = 32
+    attn_norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: str = "default"
+    add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if isinstance(self.sample_size, (list, tuple)):
+            if len(set(self.sample_size)) != 1:
+                raise ValueError(f"UNetConfig.sample_size={list(self.sample_size)}: only square samples are supported")
+            self.sample_size = int(self.sample_size[0])
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"UNetConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("sample_size", "in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "must be a positive integer")
+        n = len(self.block_out_channels)
+        if n == 0 or any(c < 1 for c in self.block_out_channels):
+            raise bad("block_out_channels", "must be a non-empty list of positive integers")
+        for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+            types = getattr(self, key)
+            if len(types) != n:
+                raise bad(key, f"needs one entry per block_out_channels entry ({n})")
+            unknown = [t for t in types if t not in allowed]
+            if unknown:
+                raise bad(key, f"unsupported block type(s) {unknown}; supported: {list(allowed)}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise bad("norm_num_groups", f"must divide every block_out_channels entry (not {c})")
+        if self.attn_norm_num_groups is not None and self.block_out_channels[-1] % self.attn_norm_num_groups:
+            raise bad("attn_norm_num_groups", f"must divide the mid-block width {self.block_out_channels[-1]}")
+        if self.attention_head_dim is not None:
+            if self.attention_head_dim < 1:
+                raise bad("attention_head_dim", "must be a positive integer or None (one head)")
+            for c in self.block_out_channels:
+                if c % self.attention_head_dim:
+                    raise bad("attention_head_dim", f"must divide every block_out_channels entry (not {c})")
+        if self.time_embedding_dim is not None and self.time_embedding_dim < 1:
+            raise bad("time_embedding_dim", "must be a positive integer or None")
+        if self.downsample_padding < 0:
+            raise bad("downsample_padding", "must be >= 0 (0 means the asymmetric right/bottom pad)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must be in [0, 1)")
+        if self.act_fn not in ACTIVATIONS:
+            raise bad("act_fn", f"supported: {sorted(ACTIVATIONS)}")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise bad("resnet_time_scale_shift", "supported: 'default', 'scale_shift'")
+        if self.norm_eps <= 0:
+            raise bad("norm_eps", "must be positive")
+        if self.sample_size % self.downsampling_factor:
+            raise bad(
+                "sample_size",
+                f"must be divisible by {self.downsampling_factor} (2 ** (number of blocks - 1)) "
+                "so that every down-sampling halves an even size",
+            )
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much the spatial size shrinks from the input to the mid block."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or self.block_out_channels[0] * 4
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> UNetConfig:
+        """Build from our own dict or from a diffusers ``unet/config.json`` dict.
+
+        Keys starting with ``_`` are ignored; diffusers keys this UNet does not implement are accepted only at the
+        values that leave the maths unchanged (``time_embedding_type="positional"``, ``class_embed_type=None``...).
+        """
+        names = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            if key in names:
+                kwargs[key] = value
+            elif key in _ACCEPTED_FIXED_KEYS:
+                allowed = _ACCEPTED_FIXED_KEYS[key]
+                if value not in allowed:
+                    raise ValueError(f"UNet config key {key!r}={value!r} is not supported; supported: {list(allowed)}")
+            else:
+                raise ValueError(f"unknown UNet config key {key!r} (value {value!r})")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> UNetConfig:
+        """Read a JSON file (ours or a diffusers ``config.json``); a folder means its ``config.json``."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read UNet config {path}: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        """Our fields as a JSON-friendly dict (lists, not tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: int = 10000
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' ``get_timestep_embedding``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = timesteps[:, None].float() * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-act-conv twice, with the time embedding added (or scale-shifted) in between."""
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, output_scale_factor: float = 1.0):
+        super().__init__()
+        self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(cfg.norm_num_groups, cin, eps=cfg.norm_eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(cfg.time_embed_dim, cout * 2 if self.scale_shift else cout)
+        self.norm2 = nn.GroupNorm(cfg.norm_num_groups, cout, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.act = ACTIVATIONS[cfg.act_fn]()
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        t = self.time_emb_proj(self.act(temb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = t.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = self.conv2(self.dropout(self.act(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return (x + h) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention over the pixels, with a residual connection."""
+
+    def __init__(
+        self, channels: int, head_dim: int | None, groups: int | None, eps: float, rescale_output: float = 1.0
+    ):
+        super().__init__()
+        self.heads = channels // head_dim if head_dim else 1
+        self.rescale_output = rescale_output
+        # groups=None: no normalisation (diffusers' mid-block attention with scale_shift and no attn_norm_num_groups)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps) if groups else None
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        # A ModuleList so that the projection is named ``to_out.0`` as in diffusers (index 1 there is a Dropout).
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = x.shape
+        h = self.group_norm(x) if self.group_norm is not None else x
+        h = rearrange(h, "b c h w -> b (h w) c")
+        q, k, v = (
+            rearrange(proj(h), "b n (heads d) -> b heads n d", heads=self.heads)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.to_out[0](rearrange(h, "b heads n d -> b n (heads d)"))
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
+        return (h + x) / self.rescale_output
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:  # TF "SAME" padding of the original DDPM checkpoints: one pixel right and bottom
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _attention(cfg: UNetConfig, channels: int, groups: int | None, rescale: float = 1.0) -> Attention:
+    return Attention(channels, cfg.attention_head_dim, groups, cfg.norm_eps, rescale)
+
+
+class DownBlock(nn.Module):
+    """``DownBlock2D`` / ``AttnDownBlock2D``: resnets (each followed by attention) then a stride-2 conv."""
+
+    def __init__(self, cfg: UNetConfig, cin: int, cout: int, attention: bool, downsample: bool):
+        super().__init__()
+        n = cfg.layers_per_block
+        if attention:  # registered before resnets, as in diffusers, so state-dict order matches too
+            self.attentions = nn.ModuleList(_attention(cfg, cout, cfg.norm_num_groups) for _ in range(n))
+        self.resnets = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, cfg) for j in range(n))
+        self.downsamplers = nn.ModuleList([Downsample(cout, cfg.downsample_padding)]) if downsample else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if hasattr(self, "attentions"):
+                x = self.attentions[j](x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """``UpBlock2D`` / ``AttnUpBlock2D``: layers_per_block + 1 resnets, each eating one skip, then upsampling."""
+
+    def __init__(self, cfg: UNetConfig, prev: int, cout: int, skip_in: int, attention: bool, upsample: bool):
+        super().__init__()
+        n = cfg.layers_per_block + 1
+        if attention:
+            self.attentions = nn.ModuleList(_attention(cfg, cout, cfg.norm_num_groups) for _ in range(n))
+        self.resnets = nn.ModuleList(
+            ResnetBlock((prev if j == 0 else cout) + (skip_in if j == n - 1 else cout), cout, cfg) for j in range(n)
+        )
+        self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
+
+    def forward(self, x: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor) -> torch.Tensor:
+        # ``skips`` are this block's down-path activations in down-path order; the last one is consumed first.
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb)
+            if hasattr(self, "attentions"):
+                x = self.attentions[j](x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """``UNetMidBlock2D``: resnet, optional attention, resnet, at the lowest resolution."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        c = cfg.block_out_channels[-1]
+        scale = cfg.mid_block_scale_factor
+        if cfg.add_attention:
+            groups = cfg.attn_norm_num_groups
+            if groups is None and cfg.resnet_time_scale_shift == "default":  # diffusers' rule for the mid block
+                groups = cfg.norm_num_groups
+            self.attentions = nn.ModuleList([_attention(cfg, c, groups, scale)])
+        self.resnets = nn.ModuleList(ResnetBlock(c, c, cfg, output_scale_factor=scale) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        if hasattr(self, "attentions"):
+            x = self.attentions[0](x)
+        return self.resnets[1](x, temb)
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or x0, or v) of a noisy image batch at the given timesteps.
+
+    ``unet(sample, timestep)`` takes ``sample`` of shape ``[B, in_channels, H, W]`` and ``timestep`` as an int, a 0-d
+    tensor or a ``[B]`` tensor, and returns a ``[B, out_channels, H, W]`` tensor.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        channels = config.block_out_channels
+        n = len(channels)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(config, channels[max(i - 1, 0)], channels[i], kind == "AttnDownBlock2D", i < n - 1)
+            for i, kind in enumerate(config.down_block_types)
+        )
+        rev = channels[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(config, rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)], kind == "AttnUpBlock2D", i < n - 1)
+            for i, kind in enumerate(config.up_block_types)
+        )
+        self.mid_block = MidBlock(config)
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _run(self, block: nn.Module, *args: Any) -> Any:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float) -> torch.Tensor:
+        cfg = self.config
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim == 0:
+            t = t[None]
+        t = t.expand(sample.shape[0])
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(t_emb.to(self.conv_in.weight.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = self._run(block, x, temb)
+            skips += block_skips
+        x = self._run(self.mid_block, x, temb)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            x = self._run(block, x, tuple(skips[-n:]), temb)
+            del skips[-n:]
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -1,0 +1,152 @@
+"""The UNet against diffusers' UNet2DModel: parameter counts, state-dict keys and shapes, outputs."""
+
+import json
+
+import pytest
+import torch
+from unet_configs import CONFIG_DIR, SCALE_SHIFT_DROPOUT, TINY
+
+from ddpm import UNet, UNetConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _load(name: str) -> dict:
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+
+
+CONFIGS = {
+    "cifar10": _load("ddpm-cifar10-32"),
+    "train_unconditional_64": _load("train-unconditional-64"),
+    "scale_shift_dropout": SCALE_SHIFT_DROPOUT,
+    "tiny_one_head": TINY,
+}
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("ddpm-cifar10-32", 35_746_307), ("train-unconditional-64", 113_673_219), ("ddpm-celebahq-256", 113_673_219)],
+)
+def test_parameter_counts(name, expected):
+    assert UNet(UNetConfig.from_json(CONFIG_DIR / f"{name}.json")).num_parameters() == expected
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DModel(**CONFIGS[request.param]).eval()
+    ours = UNet(UNetConfig.from_dict(dict(reference.config))).eval()
+    return reference, ours
+
+
+def test_state_dict_keys_and_shapes_match(pair):
+    reference, ours = pair
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert mine == theirs
+    assert list(mine) == list(theirs)  # even the order, so diffs of saved files line up
+
+
+def test_outputs_match_with_diffusers_weights(pair):
+    reference, ours = pair
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    cfg = reference.config
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in (torch.tensor([0, 999]), torch.tensor(500), 17):
+            expected = reference(x, t).sample
+            assert (ours(x, t) - expected).abs().max().item() <= 1e-5
+
+
+def test_google_checkpoint_layout_keys_match_reference_list():
+    """The train_unconditional model's keys equal the reference key list shipped in shared/ (when present)."""
+    keys_file = CONFIG_DIR.parents[2] / "shared" / "reference" / "unet2d_train_unconditional_keys.txt"
+    if not keys_file.is_file():
+        pytest.skip("reference key list not available beside the checkout")
+    listed = {}
+    for line in keys_file.read_text().splitlines():
+        key, _, shape = line.partition(" ")
+        listed[key] = tuple(json.loads(shape))
+    model = UNet(UNetConfig.from_dict(CONFIGS["train_unconditional_64"]))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == listed
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.from_dict(TINY))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 600])
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(x, t).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_round_trip_through_dict_and_diffusers_config():
+    cfg = UNetConfig.from_dict(SCALE_SHIFT_DROPOUT)
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    diffusers_config = dict(diffusers.UNet2DModel(**SCALE_SHIFT_DROPOUT).config)
+    assert UNetConfig.from_dict(diffusers_config) == cfg
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"], "down_block_types"),
+        ("up_block_types", ["UpBlock2D", "ResnetUpsampleBlock2D"], "up_block_types"),
+        ("up_block_types", ["UpBlock2D"], "up_block_types"),
+        ("block_out_channels", [], "block_out_channels"),
+        ("norm_num_groups", 5, "norm_num_groups"),
+        ("attention_head_dim", 5, "attention_head_dim"),
+        ("attn_norm_num_groups", 5, "attn_norm_num_groups"),
+        ("act_fn", "tanh", "act_fn"),
+        ("resnet_time_scale_shift", "spatial", "resnet_time_scale_shift"),
+        ("dropout", 1.5, "dropout"),
+        ("sample_size", 9, "sample_size"),
+        ("sample_size", [8, 16], "sample_size"),
+        ("downsample_padding", -1, "downsample_padding"),
+        ("norm_eps", 0.0, "norm_eps"),
+        ("layers_per_block", 0, "layers_per_block"),
+        ("time_embedding_dim", 0, "time_embedding_dim"),
+        ("time_embedding_type", "fourier", "time_embedding_type"),
+        ("time_embedding_type", "learned", "time_embedding_type"),
+        ("class_embed_type", "timestep", "class_embed_type"),
+        ("num_class_embeds", 10, "num_class_embeds"),
+        ("downsample_type", "resnet", "downsample_type"),
+        ("upsample_type", "resnet", "upsample_type"),
+        ("mid_block_type", None, "mid_block_type"),
+        ("cross_attention_dim", 768, "cross_attention_dim"),
+    ],
+)
+def test_invalid_configs_name_the_key(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        UNetConfig.from_dict({**TINY, key: value})
+
+
+def test_accepted_diffusers_keys_and_private_keys():
+    cfg = UNetConfig.from_dict(
+        {
+            **TINY,
+            "_class_name": "UNet2DModel",
+            "_diffusers_version": "0.1.0",
+            "time_embedding_type": "positional",
+            "class_embed_type": None,
+            "downsample_type": "conv",
+            "upsample_type": "conv",
+            "mid_block_type": "UNetMidBlock2D",
+            "num_train_timesteps": None,
+        }
+    )
+    assert cfg == UNetConfig.from_dict(TINY)
+
+
+@pytest.mark.parametrize("timestep", [3, torch.tensor(3), torch.tensor([3, 3])])
+def test_timestep_forms(timestep):
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.from_dict(TINY)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, timestep), model(x, torch.tensor([3, 3])))
