@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -163,3 +166,155 @@ def load_checkpoint_model(
         raise ValueError(f"{path / CONFIG_NAME}: bad model description: {e}") from e
     weights = path / EMA_NAME if use_ema and (path / EMA_NAME).is_file() else path / MODEL_NAME
     return unet_config, schedule_config, read_safetensors(weights), config
+
+
+# ---------------------------------------------------------------------------------------------------- training state
+
+RNG_PATTERN = "rng_state_{rank}.pt"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and CUDA RNG states, as plain tensors and containers."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only when this process has as many devices)."""
+    random.setstate(_as_python_random_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_python_random_state(value: Any) -> tuple:
+    """``random.setstate`` wants tuples; a round trip through some serialisers turns them into lists."""
+    version, internal, gauss = value
+    return int(version), tuple(int(v) for v in internal), gauss
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Everything :func:`save_training_checkpoint` wrote, read back on the CPU."""
+
+    path: Path
+    config: dict[str, Any]  # config.json: step, unet, schedule, run
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+    training_state: dict[str, Any]
+    rng_states: dict[int, dict[str, Any]]  # rank -> capture_rng_state()
+
+    @property
+    def step(self) -> int:
+        return int(self.config["step"])
+
+
+def save_training_checkpoint(
+    path: str | Path,
+    *,
+    step: int,
+    unet_config: UNetConfig,
+    schedule_config: ScheduleConfig,
+    run_config: dict[str, Any],
+    model_state: dict[str, torch.Tensor],
+    training_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    ema_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the checkpoint folder ``path`` atomically (see the module docstring for the layout).
+
+    ``training_state`` must hold only tensors, numbers, strings and containers of them (optimizer, LR scheduler and
+    GradScaler ``state_dict()``s do) so that it loads with ``weights_only=True``; ``rng_states[r]`` is rank r's
+    :func:`capture_rng_state`. ``run_config`` must not contain secrets: it is written as is.
+    """
+    path = Path(path)
+    with atomic_write_dir(path) as tmp:
+        write_safetensors(model_state, tmp / MODEL_NAME)
+        if ema_state is not None:
+            write_safetensors(ema_state, tmp / EMA_NAME)
+        torch.save(training_state, tmp / STATE_NAME)
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / RNG_PATTERN.format(rank=rank))
+        # config.json last: its presence marks a complete checkpoint (is_checkpoint)
+        write_json(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": int(step),
+                "unet": unet_config.to_dict(),
+                "schedule": schedule_config.to_dict(),
+                "run": run_config,
+            },
+            tmp / CONFIG_NAME,
+        )
+    return path
+
+
+def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
+    """Read a folder written by :func:`save_training_checkpoint`; errors name the file at fault."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    config = read_checkpoint_config(path)
+    for key in ("step", "unet", "schedule", "run"):
+        if key not in config:
+            raise ValueError(f"{path / CONFIG_NAME}: missing key {key!r}")
+    training_state = read_torch_state(path / STATE_NAME)
+    if not isinstance(training_state, dict):
+        raise ValueError(f"{path / STATE_NAME}: expected a dict, found {type(training_state).__name__}")
+    rng_states = {}
+    for file in path.glob(RNG_PATTERN.format(rank="*")):
+        rank = file.stem.rpartition("_")[2]
+        if rank.isdigit():
+            rng_states[int(rank)] = read_torch_state(file)
+    ema_path = path / EMA_NAME
+    return TrainingCheckpoint(
+        path=path,
+        config=config,
+        model_state=read_safetensors(path / MODEL_NAME),
+        ema_state=read_safetensors(ema_path) if ema_path.is_file() else None,
+        training_state=training_state,
+        rng_states=rng_states,
+    )
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
+    """Delete the oldest ``checkpoint-N`` folders of ``output_dir`` so that at most ``limit`` remain.
+
+    Called after a save (the guide's script deletes before saving: the same folders survive, but a failed save
+    there leaves one checkpoint fewer). Leftover ``.tmp-checkpoint-*`` folders of interrupted saves go too.
+    Returns the deleted paths.
+    """
+    if limit is None:
+        return []
+    if limit < 1:
+        raise ValueError(f"checkpoints_total_limit={limit} must be >= 1")
+    output_dir = Path(output_dir)
+    removed = list_checkpoints(output_dir)[:-limit]
+    if output_dir.is_dir():
+        removed += [p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir()]
+    for stale in removed:
+        shutil.rmtree(stale, ignore_errors=True)
+    return removed

@@ -1,0 +1,229 @@
+"""Process-group setup for ``torchrun`` and the few collectives the training loop needs.
+
+``torchrun`` (single node or multi-node through its rendezvous) exports ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``;
+without them the run is a single process and no process group is created. CUDA ranks talk over NCCL, CPU ranks over
+gloo. Control traffic (barriers, stop flags, small Python objects) goes through a gloo group in both cases, so it
+never waits on, or synchronises with, the GPU streams. Every collective has the group's timeout: a dead rank makes
+the others fail after ``timeout_s`` instead of hanging forever.
+
+Signals: the first SIGTERM/SIGINT only sets a flag (the loop finishes its step, saves a checkpoint and exits 0); a
+second one exits at once. The ranks agree on when to stop through :class:`StopAgreement`, because a signal can reach
+them at different steps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Signals arriving this soon after the first are taken as forwarded copies of it, not as a second request.
+DUPLICATE_SIGNAL_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: its rank among ``world_size`` processes and the device it trains on."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    control_group: Any = None  # gloo group for barriers and objects (None: single process)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that logs, samples and writes files."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """``auto`` picks this rank's GPU when CUDA is available, else the CPU; ``cpu`` / ``cuda`` force it."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device={device!r}: choose auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device=cuda but CUDA is not available")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+            "use --nproc_per_node <= the number of GPUs"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0, local_rank: int = -1) -> DistributedContext:
+    """Join the ``torchrun`` process group if there is one, else describe a single process.
+
+    ``local_rank`` is the legacy ``--local_rank`` flag of ``torch.distributed.launch``; ``LOCAL_RANK`` from the
+    environment wins over it, as in diffusers.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", max(local_rank, 0))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
+    torch_device = resolve_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if world_size == 1:
+        return DistributedContext(device=torch_device)
+    timeout = timedelta(seconds=timeout_s)
+    if torch_device.type == "cuda":
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch_device)
+        control = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+        control = dist.group.WORLD
+    return DistributedContext(rank, local_rank, world_size, torch_device, control)
+
+
+def shutdown(ctx: DistributedContext) -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistributedContext) -> None:
+    """Wait for every rank (host-side only: queued GPU work is not waited for)."""
+    if ctx.is_distributed:
+        dist.barrier(group=ctx.control_group)
+
+
+def broadcast_object(ctx: DistributedContext, obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (small picklable objects: seeds, decisions, messages)."""
+    if not ctx.is_distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=ctx.control_group)
+    return holder[0]
+
+
+def gather_objects(ctx: DistributedContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not ctx.is_distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.control_group)
+    return out
+
+
+def all_reduce_mean(ctx: DistributedContext, tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over ranks (in place, on the training backend)."""
+    if ctx.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= ctx.world_size
+    return tensor
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT handler: the first signal sets :attr:`requested`, a second one exits at once.
+
+    A second signal within :data:`DUPLICATE_SIGNAL_WINDOW_S` of the first is ignored: Ctrl-C under torchrun reaches
+    the workers both from the terminal and from torchrun, and SLURM signals every process of the job.
+
+    Used as a context manager around the training loop; the previous handlers are restored on exit. Only the main
+    thread of the main interpreter can install handlers; elsewhere (e.g. a test thread) this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            # A launcher that forwards the signal it got (torchrun, or SLURM signalling every process) delivers a
+            # copy right after the first: that is not a user insisting.
+            if time.monotonic() - self._first_at < DUPLICATE_SIGNAL_WINDOW_S:
+                return
+            sys.stderr.write(f"\n{name} received again: exiting now without saving\n")
+            os._exit(128 + signum)
+        self.requested = True
+        self.signal_name = name
+        self._first_at = time.monotonic()
+        sys.stderr.write(f"\n{name} received: finishing the current step, saving a checkpoint, then exiting\n")
+
+    def __enter__(self) -> GracefulStop:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGINT and let the main process stop cleanly.
+
+    Without it, a Ctrl-C (sent to the whole process group) or a cluster's SIGTERM kills the workers and the main
+    process fails fetching the last batches it needs to finish its step.
+    """
+    for sig in GracefulStop.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StopAgreement:
+    """Makes every rank stop after the same optimizer step when any of them asked to.
+
+    Each call of :meth:`poll` starts a non-blocking all-reduce (MAX) of this rank's flag and returns the result of the
+    previous call's all-reduce, so the decision lags one step but costs no waiting; all ranks call :meth:`poll` at
+    the same steps, so they all see the same answer. A single process answers at once.
+    """
+
+    def __init__(self, ctx: DistributedContext) -> None:
+        self.ctx = ctx
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self, local_request: bool) -> bool:
+        if not self.ctx.is_distributed:
+            return local_request
+        agreed = self._collect()
+        flag = torch.tensor([int(local_request)], dtype=torch.int32)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.control_group, async_op=True)
+        self._pending = (work, flag)
+        return agreed
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return bool(flag.item())
+
+    def finish(self) -> None:
+        """Complete the outstanding all-reduce (call before leaving the loop, on every rank)."""
+        self._collect()

@@ -1,0 +1,108 @@
+"""Learning-rate schedules of ``diffusers.optimization.get_scheduler``, counted in optimizer steps.
+
+Each schedule is a multiplier ``f(step)`` of the base learning rate with a linear warm-up from 0 over
+``warmup_steps``, then the named decay until ``total_steps``; the formulas are those of ``diffusers.optimization``
+(themselves transformers'). Unlike train_unconditional, which multiplies the warm-up by the accumulation steps and
+lets accelerate tick the scheduler once per process (diffusers issues #1957 and #3954), both lengths here are
+optimizer steps, whatever the accumulation and the number of processes: the caller steps the scheduler once per
+optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+POLYNOMIAL_LR_END = 1e-7  # diffusers' default end learning rate of the polynomial decay
+
+
+def lr_multiplier(
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    *,
+    num_cycles: float | None = None,
+    power: float = 1.0,
+    base_lr: float | None = None,
+) -> Callable[[int], float]:
+    """The function ``step -> lr / base_lr`` of schedule ``name``.
+
+    ``num_cycles``, as in diffusers: the number of cosine waves for ``cosine`` (default 0.5: one half-cosine down
+    to 0) or the number of hard restarts for ``cosine_with_restarts`` (default 1). ``power``: exponent of the
+    ``polynomial`` decay, which goes from ``base_lr`` (required for it) to 1e-7.
+    """
+    if name not in LR_SCHEDULERS:
+        raise ValueError(f"unknown learning-rate schedule {name!r}; supported: {list(LR_SCHEDULERS)}")
+    if warmup_steps < 0 or total_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} and total_steps={total_steps} must be >= 0")
+
+    def warmup(step: int) -> float:
+        return step / max(1, warmup_steps)
+
+    def progress(step: int) -> float:
+        return (step - warmup_steps) / max(1, total_steps - warmup_steps)
+
+    if name == "constant":
+        return lambda step: 1.0
+    if name == "constant_with_warmup":
+        return lambda step: warmup(step) if step < warmup_steps else 1.0
+    if name == "linear":
+        return lambda step: (
+            warmup(step) if step < warmup_steps else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        )
+    if name == "cosine":
+        cycles = 0.5 if num_cycles is None else num_cycles
+        return lambda step: (
+            warmup(step)
+            if step < warmup_steps
+            else max(0.0, 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * progress(step))))
+        )
+    if name == "cosine_with_restarts":
+        cycles = 1 if num_cycles is None else num_cycles
+
+        def restarts(step: int) -> float:
+            if step < warmup_steps:
+                return warmup(step)
+            if progress(step) >= 1.0:
+                return 0.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress(step)) % 1.0))))
+
+        return restarts
+    # polynomial
+    if base_lr is None or not base_lr > POLYNOMIAL_LR_END:
+        raise ValueError(f"the polynomial schedule needs a learning rate above its end value {POLYNOMIAL_LR_END}")
+
+    def polynomial(step: int) -> float:
+        if step < warmup_steps:
+            return warmup(step)
+        if step > total_steps:
+            return POLYNOMIAL_LR_END / base_lr
+        remaining = 1 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return ((base_lr - POLYNOMIAL_LR_END) * remaining**power + POLYNOMIAL_LR_END) / base_lr
+
+    return polynomial
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    *,
+    num_cycles: float | None = None,
+    power: float = 1.0,
+) -> LambdaLR:
+    """A ``LambdaLR`` applying :func:`lr_multiplier`; step it once per optimizer step.
+
+    Its ``state_dict`` holds only numbers (the multiplier is rebuilt from the arguments), so it loads with
+    ``torch.load(weights_only=True)``; after ``load_state_dict`` the schedule continues with the current arguments
+    (for example a longer run) from the saved step.
+    """
+    fn = lr_multiplier(
+        name, warmup_steps, total_steps, num_cycles=num_cycles, power=power, base_lr=optimizer.defaults["lr"]
+    )
+    return LambdaLR(optimizer, fn)

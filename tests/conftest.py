@@ -1,0 +1,91 @@
+"""Shared fixtures: offline Hub access, a tiny image folder, a tiny UNet config, a tiny training command line."""
+
+import json
+import os
+
+# Before anything imports datasets / huggingface_hub, which read these once: tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# A 2-block UNet small enough to train a few steps in a second on one CPU core.
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dir(tmp_path_factory):
+    """16 small RGB PNGs of different sizes and aspect ratios (so resize and crop both have work to do)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        height, width = 10 + i % 3, 12 + i % 4
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_json(tmp_path_factory):
+    """Path of a JSON file with :data:`TINY_UNET` (our config format; diffusers' is accepted too)."""
+    path = tmp_path_factory.mktemp("models") / "tiny_unet.json"
+    path.write_text(json.dumps(TINY_UNET))
+    return path
+
+
+@pytest.fixture(scope="session")
+def datasets_cache(tmp_path_factory):
+    """A ``--cache_dir`` shared by the session, so the image folder is converted to Arrow once."""
+    return tmp_path_factory.mktemp("hf_cache")
+
+
+@pytest.fixture(scope="session")
+def make_train_args(tiny_image_dir, tiny_unet_json, datasets_cache):
+    """``make_train_args(output_dir)``: a fast, deterministic command line of scripts/train.py writing there.
+
+    8x8 images, batch 4 (4 steps per epoch), 4 steps, no tracker, checkpoints every 2 steps, 4-step DDIM sample
+    grids of 4 images. argparse keeps the last value of a flag, so tests append what they change.
+    """
+
+    def make(output_dir):
+        return [
+            "--train_data_dir", str(tiny_image_dir),
+            "--cache_dir", str(datasets_cache),
+            "--model_config_name_or_path", str(tiny_unet_json),
+            "--output_dir", str(output_dir),
+            "--resolution", "8",
+            "--train_batch_size", "4",
+            "--max_train_steps", "4",
+            "--checkpointing_steps", "2",
+            "--logging_steps", "1",
+            "--lr_warmup_steps", "1",
+            "--learning_rate", "1e-3",
+            "--eval_batch_size", "4",
+            "--ddpm_num_steps", "100",
+            "--ddpm_num_inference_steps", "4",
+            "--sampler", "ddim",
+            "--logger", "none",
+            "--seed", "0",
+            "--device", "cpu",
+        ]  # fmt: skip
+
+    return make
+
+
+@pytest.fixture
+def tiny_train_args(make_train_args, tmp_path):
+    """:func:`make_train_args` writing into ``tmp_path / "run"``."""
+    return make_train_args(tmp_path / "run")

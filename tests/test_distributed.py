@@ -1,0 +1,138 @@
+"""torchrun --nproc_per_node=2 on CPU (gloo): same weights on every rank, and the same as one process.
+
+This file is also the worker torchrun starts (see ``__main__`` below): it trains, then each rank writes its own live
+weights to ``--worker-out``, which only rank 0's checkpoints would not show.
+"""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torchrun_command(worker_out: Path, args: list[str]) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*launcher, __file__, "--worker-out", str(worker_out), *args, "--ddp_timeout", "120"]
+
+
+def worker_env() -> dict[str, str]:
+    # one thread per rank: two ranks share the two CI cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def assert_close(a: dict, b: dict, exact: bool = False) -> None:
+    """Equal within 1e-6, except attention key biases: their true gradient is zero (softmax ignores a common
+    shift of a query's logits), so AdamW scales the rounding noise of a differently reduced batch to full steps."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        elif not key.endswith("to_k.bias"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, make_train_args):
+    from ddpm.checkpoint import read_safetensors
+    from ddpm.train import train
+
+    script = load_script()
+    common = ["--use_ema", "--max_train_steps", "4"]  # global batch 8 = 16 images: 2 steps per epoch, 2 epochs
+    ddp_args = [*make_train_args(tmp_path / "ddp"), *common, "--train_batch_size", "2"]
+    ddp_args += ["--gradient_accumulation_steps", "2"]
+    done = subprocess.run(
+        torchrun_command(tmp_path / "ranks", ddp_args), env=worker_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8 (2 x 2 processes x 2)" in done.stderr
+
+    rank0 = read_safetensors(tmp_path / "ranks" / "rank0.safetensors")
+    rank1 = read_safetensors(tmp_path / "ranks" / "rank1.safetensors")
+    assert_close(rank0, rank1, exact=True)
+
+    single = train(script.parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "8"]))
+    assert_close(rank0, single.unet.state_dict())
+    for name in ("model.safetensors", "ema.safetensors"):
+        for step in (2, 4):
+            ddp = read_safetensors(tmp_path / "ddp" / f"checkpoint-{step}" / name)
+            assert_close(ddp, read_safetensors(tmp_path / "single" / f"checkpoint-{step}" / name))
+    assert sorted(p.name for p in (tmp_path / "ddp" / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    assert (tmp_path / "ddp" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-4").glob("rng_state_*.pt")) == [
+        "rng_state_0.pt",
+        "rng_state_1.pt",
+    ]
+
+    # The 2-process checkpoint resumes on 1 process (same global batch: same step counter) to the same weights.
+    resumed_args = [*make_train_args(tmp_path / "resumed"), *common, "--train_batch_size", "8"]
+    resumed_args += ["--resume_from_checkpoint", str(tmp_path / "ddp" / "checkpoint-2")]
+    resumed = train(script.parse_args(resumed_args))
+    assert resumed.global_step == 4
+    assert_close(resumed.unet.state_dict(), single.unet.state_dict())
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, make_train_args):
+    from ddpm.checkpoint import list_checkpoints, read_safetensors
+
+    out = tmp_path / "run"
+    args = [*make_train_args(out), "--train_batch_size", "2", "--max_train_steps", "100000"]
+    args += ["--checkpointing_steps", "100000", "--save_images_epochs", "100000", "--save_model_epochs", "100000"]
+    process = subprocess.Popen(
+        torchrun_command(tmp_path / "ranks", args),
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training did not get going: {process.communicate()[1][-5000:]}")
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    _, stderr = process.communicate(timeout=300)
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1, stderr[-5000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    rank0 = read_safetensors(tmp_path / "ranks" / "rank0.safetensors")
+    rank1 = read_safetensors(tmp_path / "ranks" / "rank1.safetensors")
+    assert_close(rank0, rank1, exact=True)  # both ranks stopped after the same step...
+    assert_close(rank0, read_safetensors(checkpoints[0] / "model.safetensors"), exact=True)  # ...the saved one
+    assert f"Stopped by a signal after optimizer step {step}" in stderr
+
+
+def _worker() -> None:
+    """torchrun entry point: train with the given flags, then write this rank's live weights."""
+    from ddpm.checkpoint import write_safetensors
+    from ddpm.train import train
+
+    out = Path(sys.argv[sys.argv.index("--worker-out") + 1])
+    argv = sys.argv[1:]
+    i = argv.index("--worker-out")
+    config = load_script().parse_args(argv[:i] + argv[i + 2 :])
+    result = train(config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(result.unet.state_dict(), out / f"rank{os.environ['RANK']}.safetensors")
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    _worker()

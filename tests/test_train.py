@@ -1,0 +1,324 @@
+"""The training loop on CPU: the guide's commands, accumulation, precision, exact resume, rotation, outputs."""
+
+import importlib.util
+import json
+import logging
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm.train as train_module
+from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
+from ddpm.train import TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)
+
+GUIDE_SCRIPT_ARGS = {
+    "flowers": '--dataset_name="huggan/flowers-102-categories" --resolution=64 --center_crop --random_flip '
+    '--output_dir="ddpm-ema-flowers-64" --train_batch_size=16 --num_epochs=100 --gradient_accumulation_steps=1 '
+    "--use_ema --learning_rate=1e-4 --lr_warmup_steps=500 --mixed_precision=no --push_to_hub",
+    "pokemon": '--dataset_name="huggan/pokemon" --resolution=64 --center_crop --random_flip '
+    '--output_dir="ddpm-ema-pokemon-64" --train_batch_size=16 --num_epochs=100 --gradient_accumulation_steps=1 '
+    "--use_ema --learning_rate=1e-4 --lr_warmup_steps=500 --mixed_precision=no --push_to_hub",
+    "multi_gpu": '--dataset_name="huggan/pokemon" --resolution=64 --center_crop --random_flip '
+    '--output_dir="ddpm-ema-pokemon-64" --train_batch_size=16 --num_epochs=100 --gradient_accumulation_steps=1 '
+    '--use_ema --learning_rate=1e-4 --lr_warmup_steps=500 --mixed_precision="fp16" --logger="wandb"',
+}
+
+
+def run(args):
+    return train(script.parse_args(args))
+
+
+def metrics(output_dir):
+    lines = (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def assert_same_tensors(a, b, exact=True):
+    """Bit-equal, or (``exact=False``) equal within float tolerance.
+
+    Within tolerance, attention key biases are left out: softmax ignores a shift of every logit of a query, so their
+    true gradient is zero and AdamW turns the rounding noise of a differently summed batch into full-size steps.
+    """
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        elif not key.endswith("to_k.bias"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def optimizer_tensors(checkpoint_dir):
+    state = read_torch_state(Path(checkpoint_dir) / "training_state.pt")["optimizer"]["state"]
+    return {f"{i}.{k}": v for i, s in state.items() for k, v in s.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- guide
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_SCRIPT_ARGS))
+def test_guide_commands_run_shortened(name, tmp_path, make_train_args, caplog):
+    """The guide's commands with local data, a tiny UNet, 2 steps and no push (their other flags unchanged)."""
+    guide = [a for a in shlex.split(GUIDE_SCRIPT_ARGS[name]) if not a.startswith(("--dataset_name", "--push"))]
+    tiny = make_train_args(tmp_path / "out")
+    keep = {"--train_data_dir", "--cache_dir", "--model_config_name_or_path", "--output_dir", "--device", "--seed"}
+    short = [w for i, w in enumerate(tiny) if w in keep or (i and tiny[i - 1] in keep)]
+    short += ["--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "2"]
+    short += ["--eval_batch_size", "2", "--ddpm_num_inference_steps", "2"]
+    with caplog.at_level(logging.WARNING):
+        assert script.main(guide + short) == 0
+    out = tmp_path / "out"
+    for path in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (out / path).is_file(), path
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "samples" / "step_000002.png").is_file()
+    run_config = json.loads((out / "checkpoint-2" / "config.json").read_text())["run"]
+    assert run_config["use_ema"] and run_config["center_crop"] and run_config["random_flip"]
+    if name == "multi_gpu":
+        state = read_torch_state(out / "checkpoint-2" / "training_state.pt")
+        assert state["grad_scaler"]["scale"] > 0  # fp16 ran with a GradScaler
+        wandb_missing = importlib.util.find_spec("wandb") is None
+        assert not wandb_missing or "wandb package is not installed" in caplog.text
+    else:
+        assert list((out / "logs" / "train_unconditional").glob("events.out.tfevents.*"))
+
+
+def test_exported_pipeline_loads_in_diffusers_with_the_ema_weights(tmp_path, tiny_train_args):
+    diffusers = pytest.importorskip("diffusers")
+    result = run([*tiny_train_args, "--use_ema", "--max_train_steps", "2"])
+    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "run")
+    theirs = pipeline.unet.state_dict()
+    assert_same_tensors({k: theirs[k] for k in result.ema.shadow}, result.ema.shadow)
+    assert pipeline.scheduler.config.num_train_timesteps == 100
+
+
+# ---------------------------------------------------------------------------------------------------- maths
+
+
+def test_accumulation_of_half_batches_equals_one_full_batch(tmp_path, make_train_args, capsys):
+    full = make_train_args(tmp_path / "full")
+    run(full)
+    run([*make_train_args(tmp_path / "accum"), "--train_batch_size", "2", "--gradient_accumulation_steps", "2"])
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4 (2 x 1" in capsys.readouterr().err
+    for name in ("checkpoint-2", "checkpoint-4"):
+        one = read_safetensors(tmp_path / "full" / name / "model.safetensors")
+        two = read_safetensors(tmp_path / "accum" / name / "model.safetensors")
+        assert_same_tensors(one, two, exact=False)
+    # warm-up and schedule length are counted in optimizer steps, whatever the accumulation
+    assert [m["lr"] for m in metrics(tmp_path / "full")] == [m["lr"] for m in metrics(tmp_path / "accum")]
+    loss_full = [m["loss"] for m in metrics(tmp_path / "full")]
+    assert loss_full == pytest.approx([m["loss"] for m in metrics(tmp_path / "accum")], rel=1e-5)
+
+
+@pytest.mark.parametrize("use_ema", [False, True], ids=["no_ema", "ema"])
+@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
+def test_resume_is_bit_exact(tmp_path, make_train_args, use_ema, accum):
+    """Steps 3-4 of a run resumed from checkpoint-2 (copied elsewhere) equal the uninterrupted run's, bit for bit."""
+    args = ["--train_batch_size", str(4 // accum), "--gradient_accumulation_steps", str(accum)]
+    args += ["--use_ema"] if use_ema else []
+    run([*make_train_args(tmp_path / "straight"), *args])
+    elsewhere = tmp_path / "elsewhere" / "saved"
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", elsewhere)
+    resumed = run([*make_train_args(tmp_path / "resumed"), *args, "--resume_from_checkpoint", str(elsewhere)])
+    assert resumed.global_step == 4
+    a, b = tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4"
+    assert_same_tensors(read_safetensors(a / "model.safetensors"), read_safetensors(b / "model.safetensors"))
+    assert_same_tensors(optimizer_tensors(a), optimizer_tensors(b))
+    assert (a / "ema.safetensors").is_file() == use_ema
+    if use_ema:
+        assert_same_tensors(read_safetensors(a / "ema.safetensors"), read_safetensors(b / "ema.safetensors"))
+    pipeline_a = tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"
+    pipeline_b = tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert_same_tensors(read_safetensors(pipeline_a), read_safetensors(pipeline_b))
+    assert untimed(metrics(tmp_path / "straight"))[2:] == untimed(metrics(tmp_path / "resumed"))
+
+
+def untimed(records):
+    return [{k: v for k, v in r.items() if k not in ("img_s", "sec_per_step", "peak_mem_gb")} for r in records]
+
+
+def test_resume_refuses_another_model_or_schedule(tmp_path, tiny_train_args):
+    run([*tiny_train_args, "--max_train_steps", "2"])
+    with pytest.raises(ValueError, match=r"the schedule config differs \(num_train_timesteps: checkpoint 100, now 50"):
+        run([*tiny_train_args, "--resume_from_checkpoint", "latest", "--ddpm_num_steps", "50"])
+
+
+def test_resume_with_another_global_batch_continues_from_the_samples_seen(tmp_path, tiny_train_args, caplog):
+    run([*tiny_train_args, "--max_train_steps", "2"])  # 2 steps x 4 images
+    with caplog.at_level(logging.WARNING):
+        result = run(
+            [
+                *tiny_train_args,
+                "--train_batch_size",
+                "2",
+                "--max_train_steps",
+                "6",
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        )
+    assert "global batch changed from 4 to 2: resuming after 8 samples seen, at optimizer step 4" in caplog.text
+    assert result.global_step == 6
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 5, 6]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(tmp_path, tiny_train_args, precision):
+    result = run([*tiny_train_args, "--mixed_precision", precision, "--max_train_steps", "2"])
+    assert all(p.dtype == torch.float32 for p in result.unet.parameters())  # master weights stay fp32
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    state = read_torch_state(checkpoint / "training_state.pt")
+    if precision == "bf16":
+        assert state["grad_scaler"] == {}  # bf16 needs no scaler
+        return
+    assert state["grad_scaler"]["scale"] == 2.0**16
+    state["grad_scaler"]["scale"] = 1024.0  # a value only a restored scaler can have
+    torch.save(state, checkpoint / "training_state.pt")
+    run(
+        [
+            *tiny_train_args,
+            "--mixed_precision",
+            precision,
+            "--max_train_steps",
+            "3",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
+    resumed = read_torch_state(tmp_path / "run" / "checkpoint-3" / "training_state.pt")["grad_scaler"]
+    assert resumed["scale"] == 1024.0 and resumed["_growth_tracker"] == state["grad_scaler"]["_growth_tracker"] + 1
+    assert metrics(tmp_path / "run")[-1]["loss_scale"] == 1024.0
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
+    original = train_module.NoiseSchedule.training_loss
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss if len(calls) <= 2 else loss * float("nan")
+
+    monkeypatch.setattr(train_module.NoiseSchedule, "training_loss", poisoned)
+    args = [*tiny_train_args, "--max_train_steps", "10", "--max_nonfinite_steps", "3"]
+    with pytest.raises(TrainingDiverged, match="last 3 optimizer steps .up to step 5. had non-finite gradients"):
+        run(args)
+    records = metrics(tmp_path / "run")
+    assert [m["skipped_steps"] for m in records] == [0, 0, 1, 2, 3]
+    checkpoint = load_training_checkpoint(tmp_path / "run" / "checkpoint-4")
+    before = read_safetensors(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    assert_same_tensors(before, checkpoint.model_state)  # skipped steps left the weights alone
+    assert checkpoint.training_state["skipped_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def test_rotation_keeps_the_newest_limit(tmp_path, tiny_train_args):
+    run([*tiny_train_args, "--max_train_steps", "6", "--checkpoints_total_limit", "2"])
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_a_previous_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_train_args):
+    run([*tiny_train_args, "--max_train_steps", "4"])
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds a training run .* --overwrite_output_dir to start over"):
+        run(tiny_train_args)
+    run([*tiny_train_args, "--max_train_steps", "2", "--overwrite_output_dir"])
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, tiny_train_args, caplog):
+    with caplog.at_level(logging.WARNING):
+        result = run([*tiny_train_args, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "Checkpoint 'latest' does not exist. Starting a new training run." in caplog.text
+    assert result.global_step == 2
+
+
+def test_metrics_log_and_sample_grids(tmp_path, tiny_train_args):
+    run([*tiny_train_args, "--use_ema", "--logging_steps", "2", "--max_train_steps", "8", "--save_images_epochs", "1"])
+    records = metrics(tmp_path / "run")
+    assert [m["step"] for m in records] == [2, 4, 6, 8]
+    for key in ("loss", "lr", "grad_norm", "img_s", "sec_per_step", "ema_decay", "skipped_steps", "epoch"):
+        assert all(key in m for m in records), key
+    assert records[-1]["ema_decay"] == pytest.approx(1 - (1 + 7) ** -0.75)
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert grids == ["step_000004.png", "step_000008.png"]  # after each of the 2 epochs
+
+
+def test_pretrained_weights_are_the_starting_point(tmp_path, make_train_args):
+    source = run([*make_train_args(tmp_path / "source"), "--max_train_steps", "2"])
+    args = without(make_train_args(tmp_path / "tuned"), "--model_config_name_or_path")
+    args += ["--pretrained_model_name_or_path", str(tmp_path / "source")]
+    tuned = run([*args, "--learning_rate", "1e-12", "--max_train_steps", "1"])
+    for name, value in source.unet.state_dict().items():
+        torch.testing.assert_close(tuned.unet.state_dict()[name], value, rtol=0, atol=1e-9)
+
+
+def without(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2 :]
+
+
+def test_gradient_checkpointing_and_channels_last_keep_the_maths(tmp_path, make_train_args):
+    base = run([*make_train_args(tmp_path / "base"), "--max_train_steps", "2"])
+    args = [
+        *make_train_args(tmp_path / "other"),
+        "--max_train_steps",
+        "2",
+        "--gradient_checkpointing",
+        "--channels_last",
+    ]
+    other = run(args)
+    assert_same_tensors(base.unet.state_dict(), other.unet.state_dict(), exact=False)
+
+
+def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp_path, tiny_train_args, monkeypatch):
+    import huggingface_hub
+
+    from ddpm import hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, self.token))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns, ignore_patterns):
+            calls.append(("upload", repo_id, commit_message, hub.files_to_upload(folder_path, allow_patterns)))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    token = "hf_TrainTestToken0123456789"
+    args = ["--push_to_hub", "--hub_private_repo", "--hub_model_id", "me/tiny-ddpm", "--hub_token", token]
+    run([*tiny_train_args, *args, "--max_train_steps", "2"])
+    assert calls[0] == ("create", "me/tiny-ddpm", True, token)
+    uploads = [c for c in calls if c[0] == "upload"]
+    assert [c[1:3] for c in uploads] == [("me/tiny-ddpm", "Epoch 0")]
+    assert "unet/diffusion_pytorch_model.safetensors" in uploads[0][3]
+    assert not [f for f in uploads[0][3] if f.startswith(("checkpoint-", "logs/"))]
+    for path in (tmp_path / "run").rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+
+
+def test_a_missing_tracker_is_skipped_with_a_warning(tmp_path, tiny_train_args, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with caplog.at_level(logging.WARNING):
+        result = run([*tiny_train_args, "--logger", "tensorboard", "--max_train_steps", "1"])
+    assert result.global_step == 1
+    assert "the tensorboard package is not installed; skipping it" in caplog.text

@@ -1,0 +1,122 @@
+"""SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0; the checkpoint resumes exactly; a 2nd signal kills."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.checkpoint import list_checkpoints, read_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_training(args: list[str]) -> subprocess.Popen:
+    """scripts/train.py in a new process (and process group, as a terminal's foreground job)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_metrics(path: Path, lines: int, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training exited early with {process.returncode}: {process.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no {lines} metric lines in {path} after {timeout} s")
+
+
+@pytest.mark.parametrize(
+    "signum, workers",
+    [(signal.SIGTERM, 0), (signal.SIGINT, 2)],
+    ids=["SIGTERM", "Ctrl-C_with_dataloader_workers"],
+)
+def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, make_train_args, signum, workers):
+    # A constant learning rate makes the total length irrelevant, so the stopped-and-resumed run can be compared
+    # with an uninterrupted run of the same number of steps, wherever the signal landed.
+    common = ["--lr_scheduler", "constant", "--use_ema", "--checkpointing_steps", "100000"]
+    common += ["--save_images_epochs", "100000", "--save_model_epochs", "100000"]
+    out = tmp_path / "stopped"
+    args = [*make_train_args(out), *common, "--max_train_steps", "100000", "--dataloader_num_workers", str(workers)]
+    process = start_training(args)
+    wait_for_metrics(out / "logs" / "metrics.jsonl", 3, process)
+    # Ctrl-C signals the whole foreground group: the DataLoader workers too, which must not die of it.
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"{signal.Signals(signum).name} received: finishing the current step" in stderr
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1, checkpoints
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert stopped_at >= 3 and f"Stopped by a signal after optimizer step {stopped_at}" in stderr
+
+    # Every run in a fresh process, as a user would run them (and independent of this test process's state).
+    total = str(stopped_at + 2)
+    straight = tmp_path / "straight"
+    runs = [
+        start_training(
+            [*make_train_args(out), *common, "--max_train_steps", total, "--resume_from_checkpoint", "latest"]
+        ),
+        start_training([*make_train_args(straight), *common, "--max_train_steps", total]),
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = read_safetensors(out / f"checkpoint-{total}" / name)
+        b = read_safetensors(straight / f"checkpoint-{total}" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_a_second_signal_exits_at_once():
+    code = textwrap.dedent(
+        """
+        import os, signal, time
+        import ddpm.distributed as d
+        d.DUPLICATE_SIGNAL_WINDOW_S = 0.0
+        with d.GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert stop.requested and stop.signal_name == "SIGTERM"
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        print("not reached")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert "received again: exiting now without saving" in done.stderr and "not reached" not in done.stdout
+
+
+def test_a_forwarded_copy_of_the_signal_is_not_a_second_request():
+    code = textwrap.dedent(
+        """
+        import os, signal, time
+        from ddpm.distributed import GracefulStop
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # as torchrun forwards it right after the terminal's Ctrl-C
+            time.sleep(0.05)
+        print("requested", stop.requested)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "requested True" in done.stdout, done.stderr
