@@ -4,6 +4,9 @@
 ``DDPMPipeline`` + ``DDPMScheduler`` (one ``randn`` for the initial noise, then one per step with ``t > 0``), so the
 same weights and the same ``torch.Generator`` seed give the same images. :func:`ddim_sample` matches
 ``DDIMScheduler`` (``set_alpha_to_one=True``) in the same way.
+
+Like diffusers' pipelines, the samplers also take a list of generators, one per image: each image then draws its
+own noise from its own stream, so an image does not depend on which batch it was sampled in.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from .schedule import NoiseSchedule, ScheduleConfig
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 def inference_timesteps(config: ScheduleConfig, num_inference_steps: int) -> list[int]:
@@ -54,14 +58,23 @@ def _clip(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 def _initial_noise(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...], generator: Generators, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``randn`` on the generator's device, then moved, as diffusers' ``randn_tensor`` does."""
+    """``randn`` on the generator's device, then moved, as diffusers' ``randn_tensor`` does.
+
+    A list holds one generator per item of the batch: each draws its own item, and the items are concatenated.
+    """
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
+        gen_device = generator[0].device
+        items = [torch.randn((1, *shape[1:]), generator=g, device=gen_device, dtype=dtype) for g in generator]
+        return torch.cat(items).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return _initial_noise(tuple(x.shape), generator, x.device, x.dtype)
 
 
@@ -82,7 +95,7 @@ def ddpm_sample(
     batch_size: int,
     *,
     num_inference_steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling; returns images in [-1, 1] (not clamped), shaped ``[B, C, H, W]``.
@@ -105,7 +118,7 @@ def ddpm_step(
     t: int,
     prev_t: int,
     x: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """One ancestral step from ``t`` to ``prev_t`` (-1 after the last) over the possibly respaced grid.
 
@@ -134,7 +147,7 @@ def ddim_sample(
     *,
     num_inference_steps: int = 50,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """DDIM sampling (``eta=0`` deterministic, ``eta=1`` DDPM-like); returns images in [-1, 1]."""
