@@ -1,0 +1,306 @@
+"""Load a model from anything it may come as: our checkpoints and runs, diffusers folders, or the Hub.
+
+:func:`load_model` accepts, in this order of detection:
+
+1. a training checkpoint folder (``checkpoint-N/``): its EMA weights when ``use_ema`` and present;
+2. a folder with ``model_index.json``: a diffusers pipeline (``unet/`` + ``scheduler/``, or the early flat layout
+   with ``config.json`` + ``scheduler_config.json`` at the root). A run's output folder is one of these once the run
+   has exported: **the exported pipeline wins over the run's checkpoints**, since it is what the run saved as its
+   result (the EMA weights when EMA was used). Only ``use_ema=False`` sends a run folder to its latest checkpoint's
+   live weights, which the pipeline does not hold;
+3. a run folder without an export yet: its latest ``checkpoint-N``;
+4. a folder with ``unet/config.json`` but neither ``model_index.json`` nor ``scheduler/`` (a train_unconditional
+   ``checkpoint-N`` saved by accelerate): ``unet_ema/`` when ``use_ema`` and present, else ``unet/``. With
+   ``scheduler/`` it is an interrupted export (see :mod:`ddpm.export`) and refused;
+5. a bare ``UNet2DModel`` folder (``config.json`` + weights; ``scheduler_config.json`` beside it if present);
+6. otherwise a Hub id ``owner/name``, fetched with ``huggingface_hub.snapshot_download`` (only the files needed,
+   honouring ``cache_dir``, the HF cache and ``HF_HUB_OFFLINE``).
+
+Without a scheduler config (cases 4 and 5) the schedule is ``DDPMScheduler``'s defaults (linear 1e-4..0.02,
+T=1000, epsilon, fixed_small, clipped), which is also what diffusers would use; a warning says so.
+
+Weights: ``diffusion_pytorch_model.safetensors``, sharded safetensors with their ``.index.json``, legacy ``.bin``
+(``torch.load(weights_only=True)``), or a single variant file (``.fp16.safetensors``) when there is nothing else.
+Tensors keep their stored dtype. Old attention names (``query/key/value/proj_attn``) are renamed and 1x1-conv-shaped
+attention weights squeezed to the linear weights they are; the result must then match the config exactly, or the
+error names the tensor.
+
+Old configs. A key missing from a ``unet/config.json`` takes the default of the diffusers version that wrote the
+file (:data:`LEGACY_UNET_DEFAULTS`), not today's. Research (huggingface/diffusers history): every ``UNet2DModel``
+since the class appeared (the 0.0.4 development version that converted google/ddpm-*, then 0.1.0 to today) has had
+the same defaults for the keys that change the maths of an old model: ``flip_sin_to_cos=True``, ``freq_shift=0``,
+``downsample_padding=1``, ``attention_head_dim=8``, ``norm_eps=1e-5``; and ``register_to_config`` always wrote
+every ``__init__`` argument, so the google/ddpm-* configs (``_diffusers_version`` 0.0.4) carry these five keys
+explicitly (``false, 1, 0, null, 1e-6``). Keys added later (``add_attention``, ``resnet_time_scale_shift``,
+``dropout``, ``attn_norm_num_groups``, ``time_embedding_dim``, ``downsample_type``...) default to the behaviour the
+older versions had hard-coded. The pre-0.1 class ``UNetUnconditionalModel`` used other keys and is refused. Early
+``DDPMScheduler`` configs carry ``tensor_format`` (dropped: numpy or torch arrays, same maths), ``timestep_values``
+(must be null) or ``predict_epsilon`` (0.7-0.9; mapped to ``prediction_type`` as diffusers does); its later keys
+default to what early versions did (epsilon, "leading" spacing, offset 0, clip range 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import torch
+from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError
+
+from .checkpoint import (
+    is_checkpoint,
+    list_checkpoints,
+    load_checkpoint_model,
+    read_json,
+    read_safetensors,
+    read_torch_state,
+)
+from .export import (
+    MODEL_INDEX_NAME,
+    SCHEDULER_CONFIG_NAME,
+    SCHEDULER_FOLDER,
+    UNET_CONFIG_NAME,
+    UNET_FOLDER,
+    WEIGHTS_STEM,
+    validate_state_dict,
+)
+from .schedule import ScheduleConfig
+from .unet import UNetConfig
+
+logger = logging.getLogger(__name__)
+
+# Defaults of the diffusers versions that wrote UNet2DModel configs, for the keys that matter (see module docstring).
+LEGACY_UNET_DEFAULTS: dict[str, Any] = {
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "attention_head_dim": 8,
+    "norm_eps": 1e-5,
+}
+# Counters EMAModel.save_pretrained adds to a UNet config (train_unconditional's unet_ema/); not model settings.
+EMA_CONFIG_KEYS = frozenset(
+    {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
+)
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_ATTENTION_LINEAR = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_EMA_UNET_FOLDER = "unet_ema"
+
+
+def load_model(
+    path_or_id: str | Path, use_ema: bool = True, cache_dir: str | Path | None = None
+) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
+    """UNet config, schedule config and weights (diffusers key names) from any supported source (module docstring).
+
+    ``use_ema`` picks EMA weights where a source holds both; ``cache_dir`` is the Hub cache for Hub ids.
+    Raises FileNotFoundError when nothing is found, ValueError for something found but not representable.
+    """
+    path = Path(path_or_id)
+    if not path.exists():
+        if not _HUB_ID.fullmatch(str(path_or_id)):
+            raise FileNotFoundError(f"{path_or_id}: no such folder (and not a Hub repo id of the form owner/name)")
+        path = download(str(path_or_id), cache_dir=cache_dir)
+    elif not path.is_dir():
+        raise ValueError(f"{path}: expected a folder (checkpoint, run, diffusers pipeline or UNet2DModel folder)")
+    unet_config, schedule_config, state_dict = _load_local(path, use_ema)
+    validate_state_dict(unet_config, state_dict, str(path))
+    return unet_config, schedule_config, state_dict
+
+
+def _load_local(path: Path, use_ema: bool) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
+    if is_checkpoint(path):
+        return _load_checkpoint(path, use_ema)
+    checkpoints = list_checkpoints(path)
+    if (path / MODEL_INDEX_NAME).is_file():
+        if not use_ema and checkpoints:
+            logger.info("use_ema=False: loading the live weights of %s, not the exported pipeline", checkpoints[-1])
+            return _load_checkpoint(checkpoints[-1], use_ema)
+        return load_pipeline_folder(path)
+    if checkpoints:
+        return _load_checkpoint(checkpoints[-1], use_ema)
+    if (path / UNET_FOLDER / UNET_CONFIG_NAME).is_file():
+        if (path / SCHEDULER_FOLDER).is_dir():
+            raise ValueError(
+                f"{path}: unet/ and scheduler/ but no {MODEL_INDEX_NAME}: an interrupted export? Export it again"
+            )
+        ema = path / _EMA_UNET_FOLDER
+        unet_config, state_dict = load_unet_folder(
+            ema if use_ema and (ema / UNET_CONFIG_NAME).is_file() else path / UNET_FOLDER
+        )
+        return unet_config, _default_schedule(path), state_dict
+    if (path / UNET_CONFIG_NAME).is_file():
+        unet_config, state_dict = load_unet_folder(path)
+        scheduler_config = path / SCHEDULER_CONFIG_NAME  # the early flat layout keeps it beside config.json
+        if not scheduler_config.is_file():
+            return unet_config, _default_schedule(path), state_dict
+        return unet_config, schedule_config_from_diffusers(read_json(scheduler_config), str(path)), state_dict
+    raise FileNotFoundError(
+        f"{path}: not a training checkpoint, run folder, diffusers pipeline or UNet2DModel folder "
+        f"(no {MODEL_INDEX_NAME}, config.json, {UNET_FOLDER}/{UNET_CONFIG_NAME} or checkpoint-N inside)"
+    )
+
+
+def _load_checkpoint(path: Path, use_ema: bool) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
+    logger.info("loading training checkpoint %s", path)
+    unet_config, schedule_config, state_dict, _ = load_checkpoint_model(path, use_ema=use_ema)
+    return unet_config, schedule_config, state_dict
+
+
+def _default_schedule(path: Path) -> ScheduleConfig:
+    logger.warning("%s has no scheduler config: using DDPMScheduler's default schedule", path)
+    return ScheduleConfig()
+
+
+def load_pipeline_folder(path: Path) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
+    """A diffusers DDPM pipeline folder (``unet/`` + ``scheduler/`` subfolders, or the early flat layout)."""
+    index_path = path / MODEL_INDEX_NAME
+    index = read_json(index_path)
+    for component, expected in (("unet", "UNet2DModel"), ("scheduler", "DDPMScheduler")):
+        entry = index.get(component)
+        if entry is not None and (not isinstance(entry, list) or entry[-1] != expected):
+            raise ValueError(f"{index_path}: {component}={entry!r} is not supported (expected {expected})")
+    flat = not (path / UNET_FOLDER).is_dir() and (path / UNET_CONFIG_NAME).is_file()
+    unet_folder = path if flat else path / UNET_FOLDER
+    scheduler_config = path / SCHEDULER_CONFIG_NAME if flat else path / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME
+    logger.info("loading diffusers pipeline %s", path)
+    unet_config, state_dict = load_unet_folder(unet_folder)
+    schedule_config = schedule_config_from_diffusers(read_json(scheduler_config), str(scheduler_config))
+    return unet_config, schedule_config, state_dict
+
+
+def load_unet_folder(folder: Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """Config and weights of a diffusers ``UNet2DModel`` folder, legacy names and shapes converted."""
+    config_path = folder / UNET_CONFIG_NAME
+    unet_config = unet_config_from_diffusers(read_json(config_path), str(config_path))
+    return unet_config, convert_legacy_state_dict(read_unet_weights(folder))
+
+
+def unet_config_from_diffusers(config: dict[str, Any], source: str) -> UNetConfig:
+    """A ``UNetConfig`` from a diffusers UNet2DModel config dict; missing keys from :data:`LEGACY_UNET_DEFAULTS`."""
+    class_name = config.get("_class_name", "UNet2DModel")
+    if class_name != "UNet2DModel":
+        raise ValueError(f"{source}: _class_name={class_name!r} is not supported (expected 'UNet2DModel')")
+    if "sample_size" not in config:
+        raise ValueError(f"{source}: no sample_size key (the image size DDPMPipeline samples at)")
+    config = {k: v for k, v in config.items() if k not in EMA_CONFIG_KEYS}
+    try:
+        return UNetConfig.from_dict({**LEGACY_UNET_DEFAULTS, **config})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def schedule_config_from_diffusers(config: dict[str, Any], source: str) -> ScheduleConfig:
+    """A ``ScheduleConfig`` from a diffusers DDPMScheduler config dict, with the early releases' keys translated."""
+    class_name = config.get("_class_name", "DDPMScheduler")
+    if class_name != "DDPMScheduler":
+        raise ValueError(f"{source}: _class_name={class_name!r} is not supported (expected 'DDPMScheduler')")
+    config = dict(config)
+    config.pop("tensor_format", None)
+    if config.pop("timestep_values", None) is not None:
+        raise ValueError(f"{source}: custom timestep_values are not supported")
+    predict_epsilon = config.pop("predict_epsilon", None)
+    if predict_epsilon is not None and "prediction_type" not in config:
+        config["prediction_type"] = "epsilon" if predict_epsilon else "sample"
+    try:
+        return ScheduleConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The UNet tensors of a diffusers model folder, from whichever weights file(s) it has (safetensors first)."""
+    for suffix in ("safetensors", "bin"):
+        single, index = folder / f"{WEIGHTS_STEM}.{suffix}", folder / f"{WEIGHTS_STEM}.{suffix}.index.json"
+        if single.is_file():
+            return _read_weights_file(single)
+        if index.is_file():
+            return _read_sharded(index)
+    variants = sorted(folder.glob(f"{WEIGHTS_STEM}.*.safetensors")) or sorted(folder.glob(f"{WEIGHTS_STEM}.*.bin"))
+    if len(variants) == 1:
+        logger.info("using the only weights file %s", variants[0])
+        return _read_weights_file(variants[0])
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(
+        f"{folder}: no {WEIGHTS_STEM}.safetensors, .bin or sharded index (found {found[:10]}"
+        + (", several variants: pick one by removing the others" if variants else "")
+        + ")"
+    )
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    state = read_torch_state(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: no weight_map")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(_read_weights_file(index_path.parent / shard))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"{index_path}: tensors listed in weight_map are not in their shards, e.g. {missing[:5]}")
+    return {k: tensors[k] for k in weight_map}
+
+
+def convert_legacy_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename old attention parameters (``query`` -> ``to_q`` ...) and squeeze 1x1-conv attention weights to 2-D."""
+    out = {}
+    for key, tensor in state_dict.items():
+        match = _LEGACY_ATTENTION_KEY.match(key)
+        if match:
+            prefix, old, kind = match.groups()
+            key = f"{prefix}.{LEGACY_ATTENTION_NAMES[old]}.{kind}"
+        if _ATTENTION_LINEAR.search(key) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+            tensor = tensor[:, :, 0, 0]
+        if key in out:
+            raise ValueError(f"tensor {key!r} appears under both its old and its new name")
+        out[key] = tensor
+    return out
+
+
+def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """Fetch the configs and one set of UNet weights of a Hub model (safetensors if it has them, else ``.bin``)."""
+    configs = [
+        MODEL_INDEX_NAME,
+        UNET_CONFIG_NAME,
+        SCHEDULER_CONFIG_NAME,
+        f"{UNET_FOLDER}/{UNET_CONFIG_NAME}",
+        f"{SCHEDULER_FOLDER}/{SCHEDULER_CONFIG_NAME}",
+    ]
+
+    def weights(suffix: str) -> list[str]:
+        names = [f"{WEIGHTS_STEM}.{suffix}", f"{WEIGHTS_STEM}.{suffix}.index.json", f"{WEIGHTS_STEM}-*.{suffix}"]
+        return names + [f"{UNET_FOLDER}/{name}" for name in names]
+
+    folder = _snapshot(repo_id, configs + weights("safetensors"), cache_dir)
+    if not any(folder.glob(f"{WEIGHTS_STEM}*.safetensors")) and not any(
+        (folder / UNET_FOLDER).glob(f"{WEIGHTS_STEM}*.safetensors")
+    ):
+        folder = _snapshot(repo_id, configs + weights("bin"), cache_dir)
+    return folder
+
+
+def _snapshot(repo_id: str, allow_patterns: list[str], cache_dir: str | Path | None) -> Path:
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id}: not a local folder, and not in the Hugging Face cache"
+            f"{f' {cache_dir}' if cache_dir else ''} while the Hub cannot be reached (offline mode "
+            f"HF_HUB_OFFLINE={int(huggingface_hub.constants.HF_HUB_OFFLINE)}, or no connection): {e}"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id}: no such model on the Hub (or it is private/gated: log in or set HF_TOKEN)"
+        ) from e
