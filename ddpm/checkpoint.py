@@ -10,7 +10,8 @@ Layout of ``checkpoint-N/``::
     rng_state_{rank}.pt  each rank's RNG states
 
 ``config.json`` is written last inside a temporary folder that is then renamed, so a folder named ``checkpoint-N``
-is always complete; a crash mid-write leaves only a ``.tmp-*`` folder that nothing picks up.
+is always complete; a crash mid-write leaves only a ``.tmp-*`` folder that nothing picks up (and that the next run
+removes, see :func:`remove_interrupted_saves`). Rotation renames a folder away before deleting it, for the same reason.
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def is_checkpoint(path: str | Path) -> bool:
     """True for a complete training checkpoint folder."""
     path = Path(path)
     return (path / CONFIG_NAME).is_file() and (path / MODEL_NAME).is_file()
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """True for a complete checkpoint that a run can resume from (:func:`is_checkpoint` plus the training state)."""
+    return is_checkpoint(path) and (Path(path) / STATE_NAME).is_file()
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -311,10 +317,24 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
         return []
     if limit < 1:
         raise ValueError(f"checkpoints_total_limit={limit} must be >= 1")
-    output_dir = Path(output_dir)
+    leftovers = remove_interrupted_saves(output_dir)
     removed = list_checkpoints(output_dir)[:-limit]
-    if output_dir.is_dir():
-        removed += [p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir()]
     for stale in removed:
+        # Renamed first: a crash halfway through rmtree must not leave a half-deleted folder named checkpoint-N.
+        doomed = stale.with_name(f".tmp-{stale.name}-deleting")
+        stale.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed + leftovers
+
+
+def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """Delete the ``.tmp-checkpoint-*`` folders that saves (or rotations) killed midway left in ``output_dir``.
+
+    Only one process writes checkpoints to an output folder, so any such folder there is garbage, never a save in
+    progress. Returns the deleted paths.
+    """
+    output_dir = Path(output_dir)
+    found = sorted(p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir()) if output_dir.is_dir() else []
+    for stale in found:
         shutil.rmtree(stale, ignore_errors=True)
-    return removed
+    return found

@@ -356,7 +356,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _load_or_replace(self, index: int) -> Image.Image:
         if not self.skip_corrupt_images:
-            return self.load_image(index)
+            try:
+                return self.load_image(index)
+            except CorruptImageError as err:
+                raise CorruptImageError(
+                    f"{err}. Repair or remove the file, or pass --skip_corrupt_images to skip unreadable images"
+                ) from err.__cause__
         attempts = min(len(self), _MAX_CONSECUTIVE_CORRUPT)
         for offset in range(attempts):
             try:

@@ -1,8 +1,8 @@
 """The training job: diffusers' ``train_unconditional.py`` without accelerate, without its known defects.
 
-:class:`TrainConfig` holds every hyper-parameter (its fields are the command-line flags of ``scripts/train.py``, with
-train_unconditional's names, defaults and meanings); :func:`train` runs it on one process or on every process of a
-``torchrun`` launch.
+:class:`ddpm.train_config.TrainConfig` holds every hyper-parameter (its fields are the command-line flags of
+``scripts/train.py``, with train_unconditional's names, defaults and meanings); :func:`train` runs it on one process
+or on every process of a ``torchrun`` launch.
 
 What one optimizer step sees depends only on ``(seed, step)`` and the global batch ``G = per-device batch x processes
 x accumulation``: the images come from :class:`ddpm.data.GlobalBatchSampler` (this rank's slice of the step's global
@@ -16,24 +16,27 @@ step and one EMA update follow.
 Non-finite gradients skip the step in every precision (GradScaler for fp16; fused AdamW's ``found_inf`` or a check
 otherwise) and are counted; ``max_nonfinite_steps`` in a row stop the run. No per-step host synchronisation: losses
 and norms stay on the device until a log tick every ``logging_steps`` steps.
+
+Resuming under another layout: with the same global batch G (e.g. 2 processes x batch 4 -> 1 process x batch 8, or
+accumulation instead of processes) the run continues with the same step counter, LR schedule and data stream; with
+another G it continues after the same number of samples seen (step ``samples_seen // G``, the LR schedule there).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
-import re
 import secrets
 import shlex
 import shutil
 import sys
 import time
-import typing
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +45,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    CONFIG_NAME,
+    MODEL_NAME,
+    STATE_NAME,
     TrainingCheckpoint,
     capture_rng_state,
-    is_checkpoint,
+    checkpoint_step,
+    is_training_checkpoint,
     list_checkpoints,
     load_training_checkpoint,
-    read_json,
+    remove_interrupted_saves,
     restore_rng_state,
     rotate_checkpoints,
     save_training_checkpoint,
@@ -63,33 +70,17 @@ from .distributed import (
     gather_objects,
     ignore_stop_signals,
     init_distributed,
-    resolve_device,
     shutdown,
 )
 from .ema import EMA
-from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, build_lr_scheduler
+from .lr_schedule import build_lr_scheduler
 from .sampling import ddim_sample, ddpm_sample, save_grid, to_uint8
-from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, NoiseSchedule, ScheduleConfig
+from .schedule import NoiseSchedule, ScheduleConfig
+from .train_config import TrainConfig, check_precision_support, hub_id_or_none, resize_unet
 from .unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
 
-# train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
-DEFAULT_UNET = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 2,
-    "block_out_channels": [128, 128, 256, 256, 512, 512],
-    "down_block_types": [
-        "DownBlock2D",
-        "DownBlock2D",
-        "DownBlock2D",
-        "DownBlock2D",
-        "AttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
-}
 TRACKER_PROJECT = "train_unconditional"  # TensorBoard sub-folder / wandb project, as accelerate names them
 SAMPLES_DIR = "samples"
 METRICS_FILE = "metrics.jsonl"
@@ -98,386 +89,6 @@ _NOISE_STREAM = 2
 _PROCESS_STREAM = 3
 # What a previous run leaves in output_dir; any of these makes a fresh start need --overwrite_output_dir.
 _RUN_MARKERS = ("model_index.json", "unet", "scheduler")
-
-
-def _flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; the field names are the flags of ``scripts/train.py``.
-
-    The first block are train_unconditional's flags with its defaults; the rest are additions. Validated on
-    construction: a bad value raises ValueError naming the flag.
-    """
-
-    # ---- train_unconditional.py flags
-    dataset_name: str | None = _flag(
-        None,
-        "Dataset to train on: a Hub dataset id, a local dataset folder, a `save_to_disk` folder, or "
-        "`builtin:digits` (shipped, no download). Its 'train' split is used.",
-    )
-    dataset_config_name: str | None = _flag(None, "Configuration name of the dataset (`load_dataset`'s 2nd argument).")
-    model_config_name_or_path: str | None = _flag(
-        None,
-        "UNet config: a JSON file, a folder holding config.json (diffusers UNet2DModel format accepted) or a Hub "
-        "model id. Default: train_unconditional's architecture. Its sample_size is replaced by --resolution.",
-    )
-    train_data_dir: str | None = _flag(
-        None, "A folder of images (read by datasets' `imagefolder`), used instead of --dataset_name."
-    )
-    output_dir: str = _flag("ddpm-model-64", "Where the pipeline, checkpoint-N/ folders, samples/ and logs go.")
-    overwrite_output_dir: bool = _flag(
-        False,
-        "Start over in an --output_dir that holds a previous run: delete its checkpoints, exported pipeline, samples "
-        "and logs first. Without it, such a folder is refused unless --resume_from_checkpoint is given.",
-    )
-    cache_dir: str | None = _flag(None, "Cache folder for downloaded datasets and models.")
-    resolution: int = _flag(64, "Training image size: the shorter side is resized to it, then a square crop.")
-    center_crop: bool = _flag(False, "Crop the centre of the image (default: a random crop, as train_unconditional).")
-    random_flip: bool = _flag(False, "Flip images horizontally at random (p=0.5).")
-    train_batch_size: int = _flag(16, "Batch size per device (per process) and per micro-step.")
-    eval_batch_size: int = _flag(16, "Number of images sampled for each sample grid.")
-    dataloader_num_workers: int = _flag(0, "DataLoader worker processes per rank (0: load in the main process).")
-    num_epochs: int = _flag(100, "Number of passes over the data (overridden by --max_train_steps).")
-    save_images_epochs: int = _flag(10, "Sample a grid every N epochs (and after the last one).")
-    save_model_epochs: int = _flag(10, "Export the diffusers pipeline to --output_dir every N epochs (and at the end).")
-    gradient_accumulation_steps: int = _flag(1, "Micro-steps accumulated per optimizer step.")
-    learning_rate: float = _flag(1e-4, "Peak learning rate (after warm-up).")
-    lr_scheduler: str = _flag("cosine", "Learning-rate schedule.", LR_SCHEDULERS)
-    lr_warmup_steps: int = _flag(
-        500, "Linear warm-up length in optimizer steps (not multiplied by accumulation or processes)."
-    )
-    adam_beta1: float = _flag(0.95, "AdamW beta1.")
-    adam_beta2: float = _flag(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _flag(1e-6, "AdamW weight decay (on all parameters).")
-    adam_epsilon: float = _flag(1e-08, "AdamW epsilon.")
-    use_ema: bool = _flag(False, "Keep an EMA of the weights; samples and exported models use it.")
-    ema_inv_gamma: float = _flag(1.0, "EMA warm-up inv_gamma.")
-    ema_power: float = _flag(3 / 4, "EMA warm-up power.")
-    ema_max_decay: float = _flag(0.9999, "EMA maximum decay.")
-    push_to_hub: bool = _flag(False, "Upload the exported pipeline to the Hugging Face Hub after each export.")
-    hub_token: str | None = _flag(
-        None, "Hub token (default: HF_TOKEN or the cached login). Never written to disk or logs."
-    )
-    hub_model_id: str | None = _flag(None, "Hub repo id to push to (default: the name of --output_dir).")
-    hub_private_repo: bool = _flag(False, "Create the Hub repo as private.")
-    logger: str = _flag(
-        "tensorboard",
-        "Experiment tracker besides logs/metrics.jsonl (skipped with a warning when not installed).",
-        ("tensorboard", "wandb", "none"),
-    )
-    logging_dir: str = _flag("logs", "Log folder, relative to --output_dir.")
-    local_rank: int = _flag(-1, "Legacy torch.distributed.launch rank; the LOCAL_RANK environment variable wins.")
-    mixed_precision: str = _flag(
-        "no",
-        "Autocast precision: fp16 (with a GradScaler) or bf16; weights and optimizer stay float32.",
-        ("no", "fp16", "bf16"),
-    )
-    prediction_type: str = _flag("epsilon", "What the model predicts (training target).", PREDICTION_TYPES)
-    ddpm_num_steps: int = _flag(1000, "Number of diffusion steps T of the noise schedule.")
-    ddpm_num_inference_steps: int = _flag(1000, "Denoising steps used for the sample grids.")
-    ddpm_beta_schedule: str = _flag("linear", "Beta schedule.", BETA_SCHEDULES)
-    checkpointing_steps: int = _flag(500, "Save a resumable checkpoint-N/ every N optimizer steps (and at the end).")
-    checkpoints_total_limit: int | None = _flag(None, "Keep only the newest N checkpoints.")
-    resume_from_checkpoint: str | None = _flag(
-        None,
-        "Resume from a checkpoint folder (any path; a bare name is looked up in --output_dir) or 'latest' "
-        "(the newest in --output_dir; a fresh start when there is none).",
-    )
-    enable_xformers_memory_efficient_attention: bool = _flag(
-        False, "Accepted for compatibility: attention always uses PyTorch's fused scaled_dot_product_attention."
-    )
-
-    # ---- additions
-    seed: int | None = _flag(None, "Seed of everything random (data order, augmentations, noise, initial weights).")
-    max_train_steps: int | None = _flag(None, "Total optimizer steps; overrides --num_epochs.")
-    max_grad_norm: float = _flag(1.0, "Gradient-norm clipping threshold.")
-    image_column: str = _flag("image", "Dataset column holding the images (default: 'image', else the first one).")
-    pretrained_model_name_or_path: str | None = _flag(
-        None,
-        "Start from these weights: a diffusers pipeline or UNet folder, a run or checkpoint folder, or a Hub id. "
-        "Its schedule is kept unless a --ddpm_*/--prediction_type flag is given a non-default value.",
-    )
-    ddpm_variance_type: str = _flag("fixed_small", "Variance of the DDPM sampler.", VARIANCE_TYPES)
-    sampler: str = _flag("ddpm", "Sampler for the sample grids.", ("ddpm", "ddim"))
-    lr_num_cycles: float | None = _flag(
-        None, "Cosine waves (cosine, default 0.5) or hard restarts (cosine_with_restarts, default 1)."
-    )
-    lr_power: float = _flag(1.0, "Power of the polynomial schedule.")
-    allow_tf32: bool = _flag(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster float32).")
-    gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
-    compile: bool = _flag(False, "torch.compile the model.")
-    channels_last: bool = _flag(False, "Use the channels_last memory format (often faster convolutions on GPUs).")
-    logging_steps: int = _flag(10, "Log (metrics.jsonl, trackers, status line) every N optimizer steps.")
-    max_nonfinite_steps: int = _flag(
-        100, "Stop when this many optimizer steps in a row have non-finite gradients (they are skipped)."
-    )
-    ddp_timeout: int = _flag(1800, "Seconds a rank waits for the others before failing (instead of hanging).")
-    device: str = _flag("auto", "Training device: auto (this rank's GPU if any), cpu or cuda.", ("auto", "cpu", "cuda"))
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"--{name}={getattr(self, name)!r}: {why}")
-
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise bad(f.name, f"choose one of {', '.join(choices)}")
-        if self.dataset_name is None and self.train_data_dir is None:
-            raise ValueError(
-                "You must specify either a dataset name from the hub (--dataset_name) or a train data directory "
-                "(--train_data_dir)."
-            )
-        if self.dataset_name is not None and self.train_data_dir is not None:
-            raise ValueError("Give only one of --dataset_name and --train_data_dir")
-        positive = (
-            "resolution",
-            "train_batch_size",
-            "eval_batch_size",
-            "num_epochs",
-            "save_images_epochs",
-            "save_model_epochs",
-            "gradient_accumulation_steps",
-            "ddpm_num_steps",
-            "ddpm_num_inference_steps",
-            "checkpointing_steps",
-            "logging_steps",
-            "max_nonfinite_steps",
-            "ddp_timeout",
-        )
-        for name in positive:
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "must be a positive integer")
-        for name in ("max_train_steps", "checkpoints_total_limit"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise bad(name, "must be a positive integer (or left unset)")
-        for name in ("dataloader_num_workers", "lr_warmup_steps"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "must be an integer >= 0")
-        for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ema_power", "max_grad_norm", "lr_power"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "must be positive")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, "must be in [0, 1)")
-        if not self.adam_weight_decay >= 0:
-            raise bad("adam_weight_decay", "must be >= 0")
-        if not 0 <= self.ema_max_decay <= 1:
-            raise bad("ema_max_decay", "must be in [0, 1]")
-        if self.lr_scheduler == "polynomial" and not self.learning_rate > POLYNOMIAL_LR_END:
-            raise bad("learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
-        if self.lr_num_cycles is not None and not self.lr_num_cycles > 0:
-            raise bad("lr_num_cycles", "must be positive")
-        if self.ddpm_num_inference_steps > self.ddpm_num_steps:
-            raise bad("ddpm_num_inference_steps", f"must be <= --ddpm_num_steps={self.ddpm_num_steps}")
-        if self.model_config_name_or_path is not None and self.pretrained_model_name_or_path is not None:
-            raise ValueError(
-                "Give only one of --model_config_name_or_path and --pretrained_model_name_or_path "
-                "(a pretrained model brings its own architecture)"
-            )
-        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
-            resume = Path(self.resume_from_checkpoint)
-            if self.resume_from_checkpoint == "latest" or _is_inside(resume, Path(self.output_dir)):
-                raise ValueError(
-                    f"--overwrite_output_dir would delete the checkpoint --resume_from_checkpoint="
-                    f"{self.resume_from_checkpoint!r} resumes from; drop one of them"
-                )
-        model_config = self.model_config_name_or_path
-        if self.pretrained_model_name_or_path is None and (model_config is None or not _is_hub_id(model_config)):
-            self.unet_config()  # a local architecture: check it (and --resolution against it) now
-        device = resolve_device(self.device, max(self.local_rank, 0))
-        if device.type == "cpu":  # a GPU is checked by train() once this rank's device is set: no CUDA init here
-            check_precision_support(self.mixed_precision, device)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a dict of flag names (e.g. a ``--config`` file), checked by :func:`check_settings`."""
-        return cls(**check_settings(values, source))
-
-    def to_dict(self) -> dict[str, Any]:
-        """All settings, JSON-friendly, without the Hub token."""
-        values = asdict(self)
-        values.pop("hub_token")
-        return values
-
-    def unet_config(self) -> UNetConfig:
-        """The architecture to train (not for --pretrained_model_name_or_path), at ``sample_size=resolution``."""
-        if self.model_config_name_or_path is None:
-            return _resize_unet(dict(DEFAULT_UNET), self.resolution, "the default train_unconditional UNet")
-        path, values = _read_model_config(self.model_config_name_or_path, self.cache_dir)
-        return _resize_unet(values, self.resolution, str(path))
-
-    def schedule_config(self, base: ScheduleConfig | None = None) -> ScheduleConfig:
-        """The noise schedule from the --ddpm_* flags; with ``base`` (a pretrained model's), only non-default flags
-        override it."""
-        flags = {
-            "num_train_timesteps": ("ddpm_num_steps", self.ddpm_num_steps),
-            "beta_schedule": ("ddpm_beta_schedule", self.ddpm_beta_schedule),
-            "prediction_type": ("prediction_type", self.prediction_type),
-            "variance_type": ("ddpm_variance_type", self.ddpm_variance_type),
-        }
-        if base is None:
-            return ScheduleConfig(**{key: value for key, (_, value) in flags.items()})
-        defaults = {f.name: f.default for f in fields(self)}
-        changed = {key: value for key, (flag, value) in flags.items() if value != defaults[flag]}
-        return ScheduleConfig(**{**base.to_dict(), **changed})
-
-
-def check_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """``values`` checked against :class:`TrainConfig`'s fields: unknown names and wrong types raise a ValueError
-    naming ``source`` and the key; integers given for float settings become floats."""
-    hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)} (the flags of scripts/train.py --help)")
-    checked = {}
-    for key, value in values.items():
-        allowed = typing.get_args(hints[key]) or (hints[key],)
-        if value is None:
-            ok = type(None) in allowed
-        elif isinstance(value, bool):
-            ok = bool in allowed
-        elif isinstance(value, int) and float in allowed:
-            ok, value = True, float(value)
-        else:
-            ok = type(value) in allowed
-        if not ok:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise ValueError(f"{source}: {key}={value!r} must be {names}")
-        checked[key] = value
-    return checked
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings of a ``--config`` file: a TOML or JSON object whose keys are flag names (checked, see
-    :func:`check_settings`)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"--config {path}: cannot read it: {e}") from e
-    if path.suffix == ".toml":
-        tomllib = _toml_module(path)
-        try:
-            values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"--config {path}: invalid TOML: {e}") from e
-    elif path.suffix == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config {path}: invalid JSON: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {path}: expected a JSON object of flag names")
-    else:
-        raise ValueError(f"--config {path}: use a .toml or .json file")
-    return check_settings(values, f"--config {path}")
-
-
-def _toml_module(path: Path) -> Any:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the backport, if installed
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ValueError(f"--config {path}: TOML needs Python 3.11+ or `pip install tomli`; or use JSON") from None
-    return tomllib
-
-
-def _is_hub_id(spec: str) -> bool:
-    """``owner/name`` that is not an existing path (nor a JSON file name)."""
-    return not Path(spec).exists() and not spec.endswith(".json") and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
-
-
-def _hub_id_or_none(spec: str | None) -> str | None:
-    return spec if spec is not None and _is_hub_id(spec) else None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _read_model_config(spec: str, cache_dir: str | None) -> tuple[Path, dict[str, Any]]:
-    """(file, dict) of a UNet config given as a JSON file, a folder (``config.json`` or ``unet/config.json``) or a
-    Hub model id."""
-    path = Path(spec)
-    if path.is_dir():
-        candidates = [path / "config.json", path / "unet" / "config.json"]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise ValueError(f"--model_config_name_or_path={spec!r}: no config.json or unet/config.json in it")
-        path = found
-    elif not path.exists():
-        if not _is_hub_id(spec):
-            raise ValueError(f"--model_config_name_or_path={spec!r}: no such file or folder")
-        path = _download_model_config(spec, cache_dir)
-    return path, read_json(path)
-
-
-def _download_model_config(repo_id: str, cache_dir: str | None) -> Path:
-    import huggingface_hub
-
-    errors = []
-    for name in ("config.json", "unet/config.json"):
-        try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir))
-        except Exception as e:  # not found, offline, no network: try the next layout, then report all
-            errors.append(f"{name}: {type(e).__name__}: {e}")
-    raise ValueError(f"--model_config_name_or_path={repo_id!r}: not a local path, and the Hub gave: {errors}")
-
-
-def _resize_unet(values: dict[str, Any], resolution: int, source: str) -> UNetConfig:
-    """The UNet config ``values`` at ``sample_size=resolution``, checked for training (1 or 3 channels in and out)."""
-    from .pretrained import unet_config_from_diffusers
-
-    # A placeholder size every architecture divides, so that the --resolution check below can name the flag.
-    unet = unet_config_from_diffusers({**values, "sample_size": 2**16}, source)
-    factor = unet.downsampling_factor
-    if resolution % factor:
-        raise ValueError(
-            f"--resolution={resolution} must be divisible by {factor}, the down-sampling factor of {source} "
-            f"({len(unet.block_out_channels)} blocks)"
-        )
-    unet = UNetConfig.from_dict({**unet.to_dict(), "sample_size": resolution})
-    if unet.in_channels not in (1, 3) or unet.out_channels != unet.in_channels:
-        raise ValueError(
-            f"{source}: in_channels={unet.in_channels}, out_channels={unet.out_channels}; training needs 1 "
-            "(grayscale) or 3 (RGB) channels, the same in and out"
-        )
-    return unet
-
-
-def check_precision_support(mixed_precision: str, device: torch.device) -> None:
-    """ValueError when ``--mixed_precision`` cannot run on ``device``."""
-    if mixed_precision == "no":
-        return
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    if device.type == "cuda":
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            name = torch.cuda.get_device_name(device)
-            raise ValueError(f"--mixed_precision=bf16: {name} does not support bfloat16; use fp16")
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.autocast(device.type, dtype=dtype):
-            enabled = torch.is_autocast_enabled(device.type)
-    if not enabled or any("not supported" in str(w.message) for w in caught):
-        raise ValueError(f"--mixed_precision={mixed_precision}: this PyTorch cannot autocast to {dtype} on {device}")
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -495,8 +106,16 @@ class TrainResult:
     ema: EMA | None  # rank 0 only
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingError(RuntimeError):
+    """The run stopped for a reason the user must act on; the message says what happened and what to do."""
+
+
+class TrainingDiverged(TrainingError):
     """Too many optimizer steps in a row had non-finite gradients."""
+
+
+class CheckpointSaveError(TrainingError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact."""
 
 
 @dataclass
@@ -524,6 +143,7 @@ class _RunLog:
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(log_dir / METRICS_FILE)
         self.metrics = open(log_dir / METRICS_FILE, "a")  # appended to by resumed runs; closed in close()
         if config.logger == "tensorboard":
             try:
@@ -601,6 +221,16 @@ class _RunLog:
             self.wandb.finish()
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut an unfinished last line (a run killed mid-write) so that the records appended next stay valid JSON lines."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _peak_memory_gb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -669,6 +299,8 @@ class _Trainer:
                     "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_interrupted_saves(self.out):
+            logger.warning("removed %s, the remains of an interrupted checkpoint save", stale)
         return None if resume is None else str(resume)
 
     def _clear_previous_run(self) -> None:
@@ -693,7 +325,7 @@ class _Trainer:
         from .pretrained import load_model
 
         unet, schedule, weights = load_model(cfg.pretrained_model_name_or_path, cache_dir=cfg.cache_dir)
-        resized = _resize_unet(unet.to_dict(), cfg.resolution, cfg.pretrained_model_name_or_path)
+        resized = resize_unet(unet.to_dict(), cfg.resolution, cfg.pretrained_model_name_or_path)
         return resized, cfg.schedule_config(schedule), weights
 
     def _load_dataset(self, channels: int) -> ImageDataset:
@@ -704,7 +336,7 @@ class _Trainer:
                 cfg.dataset_name, cfg.dataset_config_name, cfg.train_data_dir, cfg.cache_dir, cfg.image_column
             )
             transform = ImageTransform(cfg.resolution, channels, cfg.center_crop, cfg.random_flip)
-            return ImageDataset(data, column, transform)
+            return ImageDataset(data, column, transform, skip_corrupt_images=cfg.skip_corrupt_images)
 
         # Rank 0 downloads and prepares the cache alone, then the others read it.
         dataset = self._on_main(load, share=False)
@@ -777,7 +409,7 @@ class _Trainer:
             _check_same_model(checkpoint, unet_config, schedule_config)
         self.unet_config, self.schedule_config = unet_config, schedule_config
 
-        dataset = self._load_dataset(unet_config.in_channels)
+        dataset = self.dataset = self._load_dataset(unet_config.in_channels)
         B, accum, world = cfg.train_batch_size, cfg.gradient_accumulation_steps, ctx.world_size
         self.global_batch = B * world * accum
         sampler = GlobalBatchSampler(len(dataset), B, world, ctx.rank, accum, seed)
@@ -1035,6 +667,8 @@ class _Trainer:
             "sec_per_step": elapsed / steps,
             "skipped_steps": skipped,
         }
+        if self.cfg.skip_corrupt_images:  # every rank reads its own images: the total is the sum
+            record["corrupt_images_skipped"] = sum(gather_objects(self.ctx, self.dataset.num_corrupt_skipped))
         if self.ema is not None:
             record["ema_decay"] = self.ema.cur_decay
         if self.scaler.is_enabled():
@@ -1076,17 +710,20 @@ class _Trainer:
                 "grad_scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
             }
-            save_training_checkpoint(
-                path,
-                step=pos.global_step,
-                unet_config=self.unet_config,
-                schedule_config=self.schedule_config,
-                run_config=self.run_config,
-                model_state=self.unet.state_dict(),
-                training_state=training_state,
-                rng_states=rng_states,
-                ema_state=self.ema.shadow if self.ema is not None else None,
-            )
+            try:
+                save_training_checkpoint(
+                    path,
+                    step=pos.global_step,
+                    unet_config=self.unet_config,
+                    schedule_config=self.schedule_config,
+                    run_config=self.run_config,
+                    model_state=self.unet.state_dict(),
+                    training_state=training_state,
+                    rng_states=rng_states,
+                    ema_state=self.ema.shadow if self.ema is not None else None,
+                )
+            except OSError as e:  # disk full, quota, I/O error: the write is undone, say so and what to do
+                raise CheckpointSaveError(_save_failure_message(path, e, self.last_checkpoint)) from e
             removed = rotate_checkpoints(self.out, cfg.checkpoints_total_limit)
             self.log.write(f"Saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
 
@@ -1142,8 +779,8 @@ class _Trainer:
             sample_grid="samples.png" if grid is not None else None,
             repo_id=repo_id if cfg.push_to_hub else None,
             # Hub metadata: only Hub ids, not local paths or built-in datasets
-            base_model=_hub_id_or_none(cfg.pretrained_model_name_or_path),
-            dataset=_hub_id_or_none(cfg.dataset_name),
+            base_model=hub_id_or_none(cfg.pretrained_model_name_or_path),
+            dataset=hub_id_or_none(cfg.dataset_name),
         )
         export_pipeline(self.unet_config, self.schedule_config, weights, self.out, model_card=card, sample_grid=grid)
         self.log.write(f"Exported the pipeline to {self.out}")
@@ -1151,7 +788,7 @@ class _Trainer:
             from .hub import HubError, push_folder
 
             try:
-                private, message = cfg.hub_private_repo, f"Epoch {epoch}"
+                private, message = cfg.hub_private_repo, f"Step {pos.global_step} (epoch {epoch})"
                 push_folder(self.out, repo_id, token=cfg.hub_token, private=private, commit_message=message)
             except HubError as e:  # a network hiccup must not end the run: the next export pushes again
                 logger.warning("push to the Hub failed (training goes on): %s", e)
@@ -1162,18 +799,42 @@ def _resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     if spec is None:
         return None
     if spec == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.warning("Checkpoint 'latest' does not exist. Starting a new training run.")
-            return None
-        return found[-1]
-    for candidate in (Path(spec), output_dir / Path(spec).name):
-        if is_checkpoint(candidate):
+        # Newest first; a folder named checkpoint-N without its training state (copied or deleted by hand) is skipped.
+        folders = [p for p in output_dir.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()]
+        for folder in sorted(folders, key=checkpoint_step, reverse=True):
+            if is_training_checkpoint(folder):
+                return folder
+            logger.warning("skipping the incomplete checkpoint %s (it lacks %s)", folder, _missing_files(folder))
+        logger.warning("Checkpoint 'latest' does not exist. Starting a new training run.")
+        return None
+    candidates = list(dict.fromkeys((Path(spec), output_dir / Path(spec).name)))
+    for candidate in candidates:
+        if is_training_checkpoint(candidate):
             return candidate
+    for candidate in candidates:  # a folder that looks like a checkpoint: say what it lacks
+        if candidate.is_dir() and (checkpoint_step(candidate) is not None or (candidate / CONFIG_NAME).is_file()):
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint={spec!r}: {candidate} is not a complete training checkpoint (it lacks "
+                f"{_missing_files(candidate)})"
+            )
     raise FileNotFoundError(
-        f"--resume_from_checkpoint={spec!r}: no checkpoint at {spec} or {output_dir / Path(spec).name} "
-        "(a checkpoint folder holds config.json and model.safetensors)"
+        f"--resume_from_checkpoint={spec!r}: no checkpoint at {' or '.join(map(str, candidates))} (a checkpoint "
+        f"folder holds {CONFIG_NAME}, {MODEL_NAME} and {STATE_NAME})"
     )
+
+
+def _save_failure_message(path: Path, error: OSError, previous: Path | None) -> str:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    kept = f"the previous checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint exists"
+    advice = "free some space (or lower --checkpoints_total_limit)" if full else "fix the cause"
+    return (
+        f"could not save {path}{' (the disk is full)' if full else ''}: {error}. Nothing was left half-written (the "
+        f"temporary folder was removed) and {kept}; {advice}, then resume with --resume_from_checkpoint latest"
+    )
+
+
+def _missing_files(checkpoint: Path) -> str:
+    return ", ".join(name for name in (CONFIG_NAME, MODEL_NAME, STATE_NAME) if not (checkpoint / name).is_file())
 
 
 def _check_same_model(checkpoint: TrainingCheckpoint, unet: UNetConfig, schedule: ScheduleConfig) -> None:
@@ -1200,7 +861,9 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
 
     ``command`` (the command line, token-free) is recorded in checkpoints and the model card. A first SIGTERM/SIGINT
     ends the run after the current step with a checkpoint (``result.stopped_by_signal``). Raises
-    :class:`TrainingDiverged` after ``max_nonfinite_steps`` skipped steps in a row.
+    :class:`TrainingDiverged` after ``max_nonfinite_steps`` skipped steps in a row, :class:`CheckpointSaveError` when a
+    checkpoint cannot be written (the previous one stays intact); a rank that dies or hangs makes the others fail
+    within ``ddp_timeout`` seconds.
     """
     ctx = init_distributed(config.device, config.ddp_timeout, config.local_rank)
     try:

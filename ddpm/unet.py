@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
-ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
 
 # diffusers config keys that do not change the maths when they hold these values; other values are refused.
 _ACCEPTED_FIXED_KEYS: dict[str, tuple[Any, ...]] = {
@@ -196,8 +196,36 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def _activate(act_fn: str, x: torch.Tensor) -> torch.Tensor:
+    """``act_fn(x)`` on a fresh tensor (a GroupNorm output), in place when autograd does not need ``x`` kept.
+
+    In place saves an allocation and a pass over memory when sampling; under autograd an in-place SiLU would make
+    autograd keep a copy of its input anyway, so it is not worth it there.
+    """
+    fn = ACTIVATIONS[act_fn]
+    if act_fn != "gelu" and not (torch.is_grad_enabled() and x.requires_grad):  # F.gelu has no in-place form
+        return fn(x, inplace=True)
+    return fn(x)
+
+
+def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, written into ``fresh`` when that keeps the sum's dtype.
+
+    ``fresh`` is an op output that nothing else reads, already of the sum's shape. Safe under autograd: the ops
+    producing it here (convolutions) do not keep their output for the backward pass. Under autocast ``other`` may
+    be float32 while ``fresh`` is bfloat16, and then the sum must promote, as diffusers' out-of-place sum does.
+    """
+    if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
+        return fresh.add_(other)
+    return fresh + other
+
+
 class ResnetBlock(nn.Module):
-    """GroupNorm-act-conv twice, with the time embedding added (or scale-shifted) in between."""
+    """GroupNorm-act-conv twice, with the time embedding added (or scale-shifted) in between.
+
+    ``forward(x, temb)`` takes the time embedding already passed through the activation (the same for every
+    block, so :class:`UNet` computes it once).
+    """
 
     def __init__(self, cin: int, cout: int, cfg: UNetConfig, output_scale_factor: float = 1.0):
         super().__init__()
@@ -209,21 +237,23 @@ class ResnetBlock(nn.Module):
         self.norm2 = nn.GroupNorm(cfg.norm_num_groups, cout, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.act = ACTIVATIONS[cfg.act_fn]()
+        self.act_fn = cfg.act_fn
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        t = self.time_emb_proj(self.act(temb))[:, :, None, None]
+        h = self.conv1(_activate(self.act_fn, self.norm1(x)))
+        t = self.time_emb_proj(temb)[:, :, None, None]
         if self.scale_shift:
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
-        h = self.conv2(self.dropout(self.act(h)))
+            h = self.norm2(_add_into(h, t))
+        h = self.conv2(self.dropout(_activate(self.act_fn, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        h = _add_into(h, x)  # x + h in diffusers: the same sum, IEEE addition commutes
+        # Dividing by 1 (every config but the mid block's mid_block_scale_factor) would be an exact no-op pass.
+        return h / self.output_scale_factor if self.output_scale_factor != 1 else h
 
 
 class Attention(nn.Module):
@@ -253,8 +283,9 @@ class Attention(nn.Module):
         )
         h = F.scaled_dot_product_attention(q, k, v)
         h = self.to_out[0](rearrange(h, "b heads n d -> b n (heads d)"))
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
-        return (h + x) / self.rescale_output
+        # x first: the sum takes x's memory format (h is a pixels-major view), so the layout stays the model's.
+        h = x + rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
+        return h / self.rescale_output if self.rescale_output != 1 else h
 
 
 class Downsample(nn.Module):
@@ -397,6 +428,8 @@ class UNet(nn.Module):
         t = t.expand(sample.shape[0])
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(t_emb.to(self.conv_in.weight.dtype))
+        # Every resnet applies the activation to temb first (diffusers' ResnetBlock2D): do it once here.
+        temb = _activate(cfg.act_fn, temb)
 
         x = self.conv_in(sample)
         skips = [x]

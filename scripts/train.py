@@ -22,11 +22,13 @@ import sys
 import typing
 from dataclasses import fields
 
-from ddpm.train import TrainConfig, TrainingDiverged, command_line, load_config_file, train
+from ddpm.data import CorruptImageError
+from ddpm.train import TrainingError, command_line, train
+from ddpm.train_config import TrainConfig, load_config_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per :class:`ddpm.train.TrainConfig` field (help and defaults from it), plus ``--config``."""
+    """One flag per :class:`ddpm.train_config.TrainConfig` field (help and defaults from it), plus ``--config``."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -74,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, train, return the exit status (0 also when stopped by SIGTERM/SIGINT after saving a checkpoint)."""
+    """Parse, train, return the exit status: 0 also when stopped by SIGTERM/SIGINT after saving a checkpoint, 1 with a
+    one-line error when the run diverged, a checkpoint could not be written or an image could not be read."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         train(config, command=command_line(argv))
-    except TrainingDiverged as e:
+    except (TrainingError, CorruptImageError) as e:  # diverged, disk full, unreadable image: the message says it all
         logging.getLogger("ddpm.train").error("%s", e)
         return 1
     return 0

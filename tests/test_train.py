@@ -309,7 +309,7 @@ def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp
     run([*tiny_train_args, *args, "--max_train_steps", "2"])
     assert calls[0] == ("create", "me/tiny-ddpm", True, token)
     uploads = [c for c in calls if c[0] == "upload"]
-    assert [c[1:3] for c in uploads] == [("me/tiny-ddpm", "Epoch 0")]
+    assert [c[1:3] for c in uploads] == [("me/tiny-ddpm", "Step 2 (epoch 0)")]
     assert "unet/diffusion_pytorch_model.safetensors" in uploads[0][3]
     assert not [f for f in uploads[0][3] if f.startswith(("checkpoint-", "logs/"))]
     for path in (tmp_path / "run").rglob("*"):

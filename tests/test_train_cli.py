@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.train import DEFAULT_UNET, TrainConfig, load_config_file
+from ddpm.train_config import DEFAULT_UNET, TrainConfig, load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,529 @@
+"""The failure-mode catalogue (issue 7): bad input fails early and clearly, faults lose no work, nothing hangs.
+
+One test per failure, its docstring naming the bullet it covers. Bullets already covered elsewhere are listed here
+with the test that covers them, so that this file reads as the whole catalogue:
+
+Bad input
+- empty dataset: test_data.py::test_empty_and_missing_folders (and GlobalBatchSampler's "fewer than one global
+  batch": test_data.py::test_sampler_argument_errors)
+- no image column: test_data.py::test_image_column_errors
+- grayscale, RGBA, palette and 16-bit images: test_data.py::test_image_modes_from_png_files
+- images smaller than the resolution: test_data.py::test_transform_shape_and_range_upscales_small_images
+- both or neither of --dataset_name / --train_data_dir: test_train_cli.py::test_invalid_settings_raise_naming_the_flag,
+  test_data.py::test_exactly_one_source
+- a resolution the UNet cannot downsample: test_train_cli.py::test_invalid_settings_raise_naming_the_flag,
+  test_train_cli.py::test_resolution_must_suit_a_custom_model
+- unknown keys in --config: test_train_cli.py::test_bad_config_files_are_refused_naming_the_key,
+  test_train_cli.py::test_bad_config_file_is_a_usage_error
+- resuming with another noise schedule: test_train.py::test_resume_refuses_another_model_or_schedule
+Faults
+- non-finite losses stop the run after --max_nonfinite_steps in a row, keeping the last good checkpoint:
+  test_train.py::test_nonfinite_steps_are_skipped_counted_and_stop_the_run
+- SIGTERM / SIGINT save and exit cleanly, a second signal exits at once: test_train_signals.py (all three tests),
+  test_distributed.py::test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
+- resuming 2 -> 1 processes with the same global batch: test_distributed.py::
+  test_two_processes_equal_one_process_with_the_same_global_batch; another global batch on one process:
+  test_train.py::test_resume_with_another_global_batch_continues_from_the_samples_seen
+Security
+- the Hub token is never written to the output folder when pushing:
+  test_train.py::test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export
+
+When run as a script, this file is a training worker for torchrun that first records its pid (see ``__main__``).
+"""
+
+import errno
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm.checkpoint as checkpoint_module
+import ddpm.train as train_module
+from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
+from ddpm.data import CorruptImageError
+from ddpm.train import CheckpointSaveError, train
+from ddpm.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = {  # conftest.TINY_UNET (conftest is not importable when this file runs as a torchrun worker)
+    "sample_size": 8,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
+# No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.
+QUIET = ["--save_images_epochs", "100000", "--save_model_epochs", "100000"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = load_script()
+
+
+def run(args):
+    return train(script.parse_args(args))
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def subprocess_env(**extra):
+    # one thread per process: the two CI cores are shared by the processes of a test
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def start(command, **env):
+    return subprocess.Popen(
+        command, cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_metrics(output_dir, lines, processes, timeout=300.0):
+    """Until rank 0 has logged ``lines`` steps; fails if a process exits first."""
+    path = Path(output_dir) / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and len(path.read_text().splitlines()) >= lines):
+        exited = [p for p in processes if p.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            for p in processes:
+                p.kill()
+            pytest.fail(f"training did not get going: {exited[0].communicate()[1][-4000:] if exited else 'timeout'}")
+        time.sleep(0.05)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_all(processes):
+    """Kill what still runs; returns each process's stderr."""
+    for p in processes:
+        if p.poll() is None:
+            p.kill()
+    return [p.communicate()[1] for p in processes]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as the subprocesses: on 2 shared cores, more threads make these tiny runs ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_train_args):
+    """A finished 4-step run with EMA (checkpoint-2, checkpoint-4), for the tests that damage a copy of it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    run([*make_train_args(out), "--use_ema"])
+    return out
+
+
+def resume_args(make_train_args, out, *extra):
+    return [*make_train_args(out), "--use_ema", "--resume_from_checkpoint", "latest", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args, caplog):
+    """Data: a truncated image file gives an error naming it, or is skipped and counted with --skip_corrupt_images."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.png")
+    data = (folder / "img_07.png").read_bytes()
+    (folder / "img_07.png").write_bytes(data[: len(data) // 2])
+    args = [*make_train_args(tmp_path / "strict"), "--train_data_dir", str(folder), *QUIET]
+    with caplog.at_level(logging.ERROR):
+        assert script.main(args) == 1
+    assert "img_07.png" in caplog.text and "--skip_corrupt_images" in caplog.text
+    with pytest.raises(CorruptImageError, match=r"img_07\.png"):  # the Python API raises it
+        run([*args, "--overwrite_output_dir"])
+
+    # 4 steps of 4 images = one epoch: every image is drawn once, the bad one is replaced once.
+    lenient = run([*make_train_args(tmp_path / "lenient"), "--train_data_dir", str(folder), "--skip_corrupt_images"])
+    assert lenient.global_step == 4
+    assert [m["corrupt_images_skipped"] for m in metrics(tmp_path / "lenient")][-1] == 1
+
+
+POSITIVE_INTEGERS = [
+    "resolution",
+    "train_batch_size",
+    "eval_batch_size",
+    "num_epochs",
+    "save_images_epochs",
+    "save_model_epochs",
+    "gradient_accumulation_steps",
+    "ddpm_num_steps",
+    "ddpm_num_inference_steps",
+    "checkpointing_steps",
+    "logging_steps",
+    "max_nonfinite_steps",
+    "ddp_timeout",
+    "max_train_steps",
+    "checkpoints_total_limit",
+]
+POSITIVE_RATES = ["learning_rate", "adam_epsilon", "ema_inv_gamma", "ema_power", "max_grad_norm", "lr_power"]
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [(n, v) for n in POSITIVE_INTEGERS for v in (0, -1)] + [(n, v) for n in POSITIVE_RATES for v in (0.0, -1e-4)],
+)
+def test_every_size_step_and_rate_must_be_positive(name, value):
+    """Flags: non-positive sizes, steps or rates are refused when the config is built, naming the flag."""
+    with pytest.raises(ValueError, match=rf"^--{name}={value!r}: must be"):
+        TrainConfig(dataset_name="builtin:digits", **{name: value})
+
+
+def test_fp16_on_a_device_without_fp16_autocast_is_refused_up_front(monkeypatch):
+    """Flags: --mixed_precision fp16 on a device without fp16 support fails when the config is built."""
+    TrainConfig(dataset_name="builtin:digits", mixed_precision="fp16", device="cpu")  # this PyTorch supports it
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # as a build / device without fp16
+    with pytest.raises(ValueError, match=r"--mixed_precision=fp16: this PyTorch cannot autocast to torch.float16"):
+        TrainConfig(dataset_name="builtin:digits", mixed_precision="fp16", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("model.safetensors", "truncate", "corrupt or truncated weights file .*model.safetensors"),
+        ("ema.safetensors", "truncate", "corrupt or truncated weights file .*ema.safetensors"),
+        ("training_state.pt", "truncate", "cannot load .*training_state.pt"),
+        ("rng_state_0.pt", "garbage", "cannot load .*rng_state_0.pt"),
+        ("config.json", "garbage", "cannot read .*config.json"),
+        (
+            "model.safetensors",
+            "delete",
+            r"checkpoint-4 is not a complete training checkpoint \(it lacks model.safetensors\)",
+        ),
+    ],
+)
+def test_a_damaged_checkpoint_file_is_named(trained, tmp_path, make_train_args, name, damage, message):
+    """Checkpoints: a truncated, corrupt or missing file gives an error naming the file, before any training."""
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoint-4", out / "checkpoint-4")
+    target = out / "checkpoint-4" / name
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "garbage":
+        target.write_bytes(b"\x00garbage{")
+    else:
+        target.unlink()
+    explicit = [*make_train_args(out), "--use_ema", "--resume_from_checkpoint", str(out / "checkpoint-4")]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(explicit)
+    assert not (out / "logs").exists()  # failed before the run started
+
+
+def test_latest_skips_incomplete_checkpoints_and_clears_the_remains_of_a_crash(
+    trained, tmp_path, make_train_args, caplog
+):
+    """Checkpoints: ``--resume_from_checkpoint latest`` skips incomplete checkpoint folders (warning about each),
+    deletes the temporary folder of an interrupted save and cuts a half-written metrics line."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-6")
+    (out / "checkpoint-6" / "training_state.pt").unlink()
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-8")
+    (out / "checkpoint-8" / "config.json").unlink()
+    interrupted = out / ".tmp-checkpoint-10-x1y2z3"
+    interrupted.mkdir()
+    (interrupted / "model.safetensors").write_bytes(b"half")
+    with open(out / "logs" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')  # a kill in the middle of a metrics line
+    with caplog.at_level(logging.INFO):
+        result = run(resume_args(make_train_args, out, "--max_train_steps", "5"))
+    assert result.global_step == 5
+    assert "skipping the incomplete checkpoint" in caplog.text
+    assert "checkpoint-8 (it lacks config.json)" in caplog.text
+    assert "checkpoint-6 (it lacks training_state.pt)" in caplog.text
+    assert f"resumed from {out / 'checkpoint-4'} at optimizer step 4" in caplog.text
+    assert not interrupted.exists() and "remains of an interrupted checkpoint save" in caplog.text
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_resuming_another_architecture_lists_the_differing_keys(trained, tmp_path, make_train_args):
+    """Checkpoints: resuming with a different model config is refused, listing every differing key."""
+    other = tmp_path / "other_unet.json"
+    other.write_text(json.dumps({**TINY_UNET, "block_out_channels": [16, 16], "layers_per_block": 2}))
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoint-4", out / "checkpoint-4")
+    args = resume_args(make_train_args, out, "--model_config_name_or_path", str(other))
+    expected = (
+        "the UNet config differs (block_out_channels: checkpoint [16, 32], now [16, 16]; "
+        "layers_per_block: checkpoint 1, now 2)"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        run(args)
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_latest_resumes(tmp_path, make_train_args, caplog):
+    """Faults: ``kill -9`` of a real training process while it writes a checkpoint leaves the previous checkpoint
+    intact, and ``--resume_from_checkpoint latest`` resumes from it (and removes the half-written folder)."""
+    out = tmp_path / "run"
+    args = [*make_train_args(out), "--checkpointing_steps", "1", *QUIET, "--resume_from_checkpoint", "latest"]
+    train_py = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    for _attempt in range(5):  # the save must still be running when the signal lands: retry if it had just ended
+        process = start([*train_py, *args, "--max_train_steps", "100000"])
+        try:
+            deadline = time.monotonic() + 300
+            while process.poll() is None and time.monotonic() < deadline:
+                if list_checkpoints(out) and any(e.name.startswith(".tmp-checkpoint-") for e in os.scandir(out)):
+                    os.kill(process.pid, signal.SIGKILL)  # inside a save that follows a complete one
+                    break
+        finally:
+            (stderr,) = kill_all([process])
+        assert process.returncode == -signal.SIGKILL, stderr[-4000:]
+        if list(out.glob(".tmp-checkpoint-*")):
+            break
+    else:
+        pytest.fail("no kill landed inside a checkpoint write in 5 attempts")
+
+    previous = list_checkpoints(out)[-1]
+    step = load_training_checkpoint(previous).step  # intact: every file loads
+    with caplog.at_level(logging.INFO):
+        result = run([*args, "--max_train_steps", str(step + 1)])
+    assert f"resumed from {previous} at optimizer step {step}" in caplog.text
+    assert result.global_step == step + 1
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tiny_train_args, monkeypatch, caplog):
+    """Faults: ENOSPC while saving gives a clear error, the previous checkpoint stays intact, the temporary folder
+    is removed, and ``latest`` resumes from the previous checkpoint."""
+    real_write = checkpoint_module.write_safetensors
+
+    def disk_full_at_step_4(tensors, path):
+        if Path(path).parent.name.startswith(".tmp-checkpoint-4-"):
+            Path(path).write_bytes(b"\x00" * 100)  # what fits before the disk fills up
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(tensors, path)
+
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", disk_full_at_step_4)
+    with caplog.at_level(logging.ERROR):
+        assert script.main(tiny_train_args) == 1
+    out = tmp_path / "run"
+    assert "could not save" in caplog.text and "checkpoint-4 (the disk is full): [Errno 28]" in caplog.text
+    assert f"the previous checkpoint {out / 'checkpoint-2'} is intact; free some space" in caplog.text
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".tmp-*"))
+    assert load_training_checkpoint(out / "checkpoint-2").step == 2
+
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", real_write)  # space freed
+    assert run([*tiny_train_args, "--resume_from_checkpoint", "latest"]).global_step == 4
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", disk_full_at_step_4)
+    with pytest.raises(CheckpointSaveError):  # what the Python API raises
+        run([*tiny_train_args, "--overwrite_output_dir"])
+
+
+def test_fp16_overflow_steps_skipped_by_the_grad_scaler_are_counted(tmp_path, tiny_train_args, monkeypatch):
+    """Faults (non-finite loss): fp16 steps whose gradients overflow are skipped by the GradScaler, counted, and leave
+    the weights alone; fewer than --max_nonfinite_steps in a row do not stop the run."""
+    original = train_module.NoiseSchedule.training_loss
+    calls = []
+
+    def overflowing(self, *args, **kwargs):
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * 1e30 if len(calls) in (3, 4) else loss  # fp16 gradients of steps 3 and 4 overflow
+
+    monkeypatch.setattr(train_module.NoiseSchedule, "training_loss", overflowing)
+    run([*tiny_train_args, "--mixed_precision", "fp16", "--max_train_steps", "6", "--max_nonfinite_steps", "3"])
+    records = metrics(tmp_path / "run")
+    assert [m["skipped_steps"] for m in records] == [0, 0, 1, 2, 2, 2]
+    assert [m["loss_scale"] for m in records] == [2.0**16, 2.0**16, 2.0**15, 2.0**14, 2.0**14, 2.0**14]
+    two, four = (read_safetensors(tmp_path / "run" / f"checkpoint-{s}" / "model.safetensors") for s in (2, 4))
+    assert all(torch.equal(two[k], four[k]) for k in two)  # the skipped steps changed nothing
+    assert read_torch_state(tmp_path / "run" / "checkpoint-6" / "training_state.pt")["skipped_steps"] == 2
+
+
+def test_a_killed_rank_makes_torchrun_fail_fast(tmp_path, make_train_args):
+    """Faults: a rank killed with SIGKILL makes the other exit with an error within a bounded time (torchrun)."""
+    out = tmp_path / "run"
+    args = [*make_train_args(out), "--train_batch_size", "2", "--max_train_steps", "100000"]
+    args += ["--checkpointing_steps", "100000", *QUIET, "--ddp_timeout", "600"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun = start([*launcher, __file__, str(tmp_path / "pids"), *args])
+    try:
+        wait_for_metrics(out, 3, [torchrun])
+        os.kill(int((tmp_path / "pids" / "rank1.pid").read_text()), signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = torchrun.communicate(timeout=120)
+    finally:
+        kill_all([torchrun])
+    elapsed = time.monotonic() - killed_at
+    assert torchrun.returncode != 0 and elapsed < 60, (elapsed, stderr[-4000:])
+    assert "Signal 9 (SIGKILL) received by PID" in stderr
+
+
+def test_a_hung_rank_fails_the_others_after_ddp_timeout(tmp_path, make_train_args):
+    """Faults: without torchrun's agent (processes started by hand, as a scheduler may), a rank that stops
+    responding (SIGSTOP) makes the other fail after --ddp_timeout seconds instead of hanging."""
+    out = tmp_path / "run"
+    timeout = 20  # room for a slow start on a busy machine: the timeout also bounds the start-up collectives
+    args = [*make_train_args(out), "--train_batch_size", "2", "--max_train_steps", "100000"]
+    args += ["--checkpointing_steps", "100000", *QUIET, "--ddp_timeout", str(timeout)]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    ranks = [
+        start([sys.executable, str(ROOT / "scripts" / "train.py"), *args], RANK=str(r), LOCAL_RANK=str(r), **env)
+        for r in range(2)
+    ]
+    try:
+        wait_for_metrics(out, 3, ranks)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, stderr = ranks[0].communicate(timeout=timeout + 120)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        kill_all(ranks)  # SIGKILL also ends a stopped process
+    assert ranks[0].returncode != 0, stderr[-4000:]
+    assert elapsed < timeout + 45, elapsed  # the timeout, plus whatever rank 0 was doing alone
+    assert f"Timed out waiting {timeout * 1000}ms" in stderr
+
+
+def test_two_torchrun_nodes_train_together_like_one_process(tmp_path, make_train_args, caplog):
+    """Faults / multi-node: two torchrun agents with --nnodes=2 on 127.0.0.1 (c10d rendezvous) train together and
+    agree with one process of the same global batch. Then resuming their checkpoint on 1 process with another global
+    batch continues from the samples seen (the documented semantics; 2 -> 1 processes)."""
+    common = ["--use_ema", "--max_train_steps", "4"]  # global batch 8 = 16 images: 2 steps per epoch
+    nodes_out = tmp_path / "nodes"
+    port = free_port()
+    agents = [
+        start(
+            [
+                *[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}"],
+                *["--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"],
+                *[f"--rdzv_id=reliability-{os.getpid()}", str(ROOT / "scripts" / "train.py")],
+                *make_train_args(nodes_out),
+                *common,
+                *["--train_batch_size", "4", "--ddp_timeout", "300"],
+            ]
+        )
+        for node in range(2)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=600) for agent in agents]
+    finally:
+        kill_all(agents)
+    for agent, (_, stderr) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, stderr[-4000:]
+    assert "= 8 (4 x 2 processes x 1)" in "".join(stderr for _, stderr in outputs)
+
+    run([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "8"])
+    for name in ("model.safetensors", "ema.safetensors"):
+        nodes = read_safetensors(nodes_out / "checkpoint-4" / name)
+        single = read_safetensors(tmp_path / "single" / "checkpoint-4" / name)
+        for key in nodes:
+            if not key.endswith("to_k.bias"):  # zero true gradient: AdamW amplifies rounding noise (test_distributed)
+                torch.testing.assert_close(nodes[key], single[key], rtol=0, atol=1e-6, msg=key)
+
+    # 2 processes x batch 4 -> 1 process x batch 4: checkpoint-2 has seen 16 samples, i.e. 4 steps of the new batch.
+    resumed_args = [*make_train_args(tmp_path / "resumed"), "--use_ema", "--train_batch_size", "4"]
+    resumed_args += ["--max_train_steps", "6", "--resume_from_checkpoint", str(nodes_out / "checkpoint-2")]
+    with caplog.at_level(logging.WARNING):
+        resumed = run(resumed_args)
+    assert "global batch changed from 8 to 4: resuming after 16 samples seen, at optimizer step 4" in caplog.text
+    assert resumed.global_step == 6
+    state = read_torch_state(tmp_path / "resumed" / "checkpoint-6" / "training_state.pt")
+    assert (state["samples_seen"], state["world_size"], state["global_batch_size"]) == (24, 1, 4)
+
+
+# ---------------------------------------------------------------------------------------------------- security
+
+
+class Payload:
+    """Runs code when unpickled: what a malicious ``training_state.pt`` would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("name", ["training_state.pt", "rng_state_0.pt"])
+def test_a_malicious_pickle_in_a_checkpoint_is_refused_without_running_it(trained, tmp_path, make_train_args, name):
+    """Security: only plain tensors and containers are unpickled (``weights_only=True``); a checkpoint holding a
+    pickled object with ``__reduce__`` is refused naming the file, and the payload never runs."""
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoint-4", out / "checkpoint-4")
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": Payload(marker)}, out / "checkpoint-4" / name)
+    with pytest.raises(ValueError, match=rf"cannot load .*{name}.*"):
+        run(resume_args(make_train_args, out))
+    assert not marker.exists()
+    torch.load(out / "checkpoint-4" / name, weights_only=False)  # control: the payload is live when unpickled
+    assert marker.read_text() == "pwned"
+
+
+def test_the_hub_token_never_reaches_logs_configs_cards_metrics_or_checkpoints(
+    tmp_path, tiny_train_args, monkeypatch, capfd, caplog
+):
+    """Security: a Hub token given on the command line appears nowhere in the run's output folder (checkpoint
+    configs, TensorBoard events, metrics, the exported model card) nor in its console output and logs."""
+    import huggingface_hub
+
+    from ddpm import hub
+
+    token = "FakeToken-reliability-5f0c2d7e9a"  # not hf_-shaped: only the --hub_token rule can scrub it
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns, ignore_patterns):
+            hub.files_to_upload(folder_path, allow_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    args = [*tiny_train_args, "--logger", "tensorboard", "--push_to_hub", "--hub_model_id", "me/tiny"]
+    with caplog.at_level(logging.DEBUG):
+        assert script.main([*args, f"--hub_token={token}"]) == 0
+    out = tmp_path / "run"
+    assert (out / "README.md").is_file() and list((out / "logs").rglob("events.out.tfevents.*"))
+    assert "--hub_token=***" in (out / "README.md").read_text()  # the command is recorded, scrubbed
+    for path in out.rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+    console = capfd.readouterr()
+    assert token not in console.out + console.err + caplog.text
+
+
+if __name__ == "__main__":  # a torchrun worker: record this rank's pid for the test, then be scripts/train.py
+    pid_dir = Path(sys.argv[1])
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    sys.exit(script.main(sys.argv[2:]))
