@@ -351,10 +351,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         index, aug_seed = (key, 0) if isinstance(key, int) else key
-        image = self._load_or_replace(int(index))
+        image = self.load_or_replace(int(index))
         return self.transform(image, torch.Generator().manual_seed(int(aug_seed)))
 
-    def _load_or_replace(self, index: int) -> Image.Image:
+    def load_or_replace(self, index: int) -> Image.Image:
+        """Decode image ``index``, or with ``skip_corrupt_images`` the next readable one (see the class docstring)."""
         if not self.skip_corrupt_images:
             try:
                 return self.load_image(index)

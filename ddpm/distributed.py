@@ -131,12 +131,25 @@ def gather_objects(ctx: DistributedContext, obj: Any) -> list[Any]:
     return out
 
 
+def all_reduce_sum(ctx: DistributedContext, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks (in place, on the training backend)."""
+    if ctx.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_mean(ctx: DistributedContext, tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over ranks (in place, on the training backend)."""
     if ctx.is_distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= ctx.world_size
+        all_reduce_sum(ctx, tensor).div_(ctx.world_size)
     return tensor
+
+
+def broadcast_module(ctx: DistributedContext, module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers of ``module`` into every rank's (in place)."""
+    if ctx.is_distributed:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
 
 
 class GracefulStop:

@@ -66,6 +66,16 @@ class FeatureStats:
             raise ValueError(f"need [N, D] features with N >= 2 to estimate a covariance, got {features.shape}")
         return cls(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
 
+    @classmethod
+    def from_sums(cls, count: int, total: np.ndarray, outer: np.ndarray) -> FeatureStats:
+        """Statistics from ``count`` features' sum [D] and sum of outer products [D, D] (float64): partial sums of
+        several processes add up, so a set split across ranks needs one all-reduce, not its features."""
+        if count < 2:
+            raise ValueError(f"need at least 2 features to estimate a covariance, got {count}")
+        mu = np.asarray(total, dtype=np.float64) / count
+        sigma = (np.asarray(outer, dtype=np.float64) - count * np.outer(mu, mu)) / (count - 1)
+        return cls(mu, sigma, int(count))
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma``, ``num_images`` to a ``.npz`` atomically (exactly at ``path``); returns it."""
         path = Path(path)

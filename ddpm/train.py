@@ -73,6 +73,7 @@ from .distributed import (
     shutdown,
 )
 from .ema import EMA
+from .fid_monitor import FIDMonitor
 from .lr_schedule import build_lr_scheduler
 from .sampling import ddim_sample, ddpm_sample, save_grid, to_uint8
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -173,29 +174,43 @@ class _RunLog:
         if self.enabled:
             tqdm.write(message, file=sys.stderr)
 
-    def scalars(self, record: dict[str, Any], total_steps: int) -> None:
-        if not self.enabled:
-            return
+    def _record(self, record: dict[str, Any], group: str) -> None:
+        """One line of ``metrics.jsonl``; its numbers to the tracker as ``group/key``."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         step = record["step"]
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tensorboard is not None:
             for key, value in numbers.items():
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
+                self.tensorboard.add_scalar(f"{group}/{key}", value, step)
         if self.wandb is not None:
-            self.wandb.log(numbers, step=step)
+            self.wandb.log({f"{group}/{key}": value for key, value in numbers.items()}, step=step)
+
+    def scalars(self, record: dict[str, Any], total_steps: int) -> None:
+        if not self.enabled:
+            return
+        self._record(record, "train")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}", img_s=f"{record['img_s']:.1f}")
         else:
             mem = record.get("peak_mem_gb")
             tqdm.write(
-                f"step {step}/{total_steps}  epoch {record['epoch']}  img/s {record['img_s']:.1f}  "
+                f"step {record['step']}/{total_steps}  epoch {record['epoch']}  img/s {record['img_s']:.1f}  "
                 f"sec/step {record['sec_per_step']:.3f}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
                 f"gnorm {record['grad_norm']:.3f}  skipped {record['skipped_steps']}"
                 + (f"  mem {mem:.2f}GB" if mem is not None else ""),
                 file=sys.stderr,
             )
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        """An FID record (``step``, ``fid``, ``fid_num_samples``, ``fid_seconds``)."""
+        if not self.enabled:
+            return
+        self._record(record, "eval")
+        self.write(
+            f"step {record['step']}  FID {record['fid']:.3f}  ({record['fid_num_samples']} EMA samples, "
+            f"{record['fid_seconds']:.1f} s)"
+        )
 
     def images(self, images: torch.Tensor, epoch: int, step: int) -> None:
         if not self.enabled:
@@ -464,6 +479,7 @@ class _Trainer:
         self.train_schedule = NoiseSchedule(schedule_config)
         self.train_schedule.alphas_cumprod = self.train_schedule.alphas_cumprod.to(device)
         self.sample_schedule = NoiseSchedule(schedule_config)
+        self.fid = self._fid_monitor() if cfg.fid_every_steps else None
 
         run_config = {**cfg.to_dict(), "seed": seed, "command": self.command}
         self.run_config = run_config
@@ -475,6 +491,25 @@ class _Trainer:
             self.log.close()
         barrier(ctx)
         return TrainResult(pos.global_step, pos.epoch, stopped, self.last_checkpoint, unet, self.ema)
+
+    def _fid_monitor(self) -> FIDMonitor:
+        """Loads the Inception network (failing now if its weights are missing) and the reference statistics."""
+        cfg = self.cfg
+        names = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "resolution", "center_crop")
+        return FIDMonitor(
+            self.ctx,
+            self.unet,
+            self.sample_schedule,
+            num_samples=cfg.fid_num_samples,
+            num_inference_steps=cfg.fid_inference_steps,
+            batch_size=cfg.fid_batch_size,
+            reference=cfg.fid_reference,
+            training_images=self.dataset,
+            training_source={**{name: getattr(cfg, name) for name in names}, "channels": self.unet_config.in_channels},
+            cache_dir=self.out,
+            inception_weights=cfg.inception_weights,
+            amp_dtype=self.amp_dtype,
+        )
 
     def _announce(self, n_images: int, steps_per_epoch: int, total_steps: int, num_epochs: int, unet: UNet) -> None:
         cfg = self.cfg
@@ -570,6 +605,10 @@ class _Trainer:
                     self.log.advance()
                     if pos.global_step % cfg.logging_steps == 0 or pos.global_step == total_steps:
                         self._log_tick(pos, total_steps)
+                    if self.fid is not None and (
+                        pos.global_step % cfg.fid_every_steps == 0 or pos.global_step == total_steps
+                    ):
+                        self._log_fid(pos)
                     if pos.global_step % cfg.checkpointing_steps == 0 or pos.global_step == total_steps:
                         self._save_checkpoint(pos)
                     if agreement.poll(graceful.requested):
@@ -684,6 +723,11 @@ class _Trainer:
                 + "Try a lower --learning_rate, --mixed_precision bf16 or no, or a smaller --max_grad_norm."
             )
         self._start_interval(pos.global_step)
+
+    def _log_fid(self, pos: _Position) -> None:
+        result = self.fid.evaluate(self.unet, self.ema)
+        self.log.evaluation({"step": pos.global_step, "epoch": pos.epoch, **result})
+        self.tick_time += result["fid_seconds"]  # keep the evaluation out of the next tick's img/s
 
     # ------------------------------------------------------------------ saving
 

@@ -165,6 +165,24 @@ class TrainConfig:
         100, "Stop when this many optimizer steps in a row have non-finite gradients (they are skipped)."
     )
     ddp_timeout: int = _flag(1800, "Seconds a rank waits for the others before failing (instead of hanging).")
+    fid_every_steps: int = _flag(
+        0,
+        "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (DDIM) against "
+        "--fid_reference to metrics.jsonl and the tracker. 0: never.",
+    )
+    fid_num_samples: int = _flag(1000, "Samples per FID evaluation (split across the processes).")
+    fid_inference_steps: int = _flag(50, "DDIM steps of the FID samples.")
+    fid_batch_size: int = _flag(64, "Per-process batch size of FID sampling and of the Inception network.")
+    fid_reference: str | None = _flag(
+        None,
+        "FID reference: a statistics .npz, an image folder, a .npz of images or a dataset. Default: the training "
+        "images at --resolution (statistics computed once, cached in --output_dir).",
+    )
+    inception_weights: str | None = _flag(
+        None,
+        "FID Inception weights file (default: $DDPM_INCEPTION_WEIGHTS, the torch hub cache, "
+        "~/.cache/ddpm/inception-fid.safetensors, else a download).",
+    )
     device: str = _flag("auto", "Training device: auto (this rank's GPU if any), cpu or cuda.", ("auto", "cpu", "cuda"))
 
     def __post_init__(self) -> None:
@@ -196,6 +214,8 @@ class TrainConfig:
             "logging_steps",
             "max_nonfinite_steps",
             "ddp_timeout",
+            "fid_inference_steps",
+            "fid_batch_size",
         )
         for name in positive:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
@@ -204,7 +224,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise bad(name, "must be a positive integer (or left unset)")
-        for name in ("dataloader_num_workers", "lr_warmup_steps"):
+        for name in ("dataloader_num_workers", "lr_warmup_steps", "fid_every_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0")
         for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ema_power", "max_grad_norm", "lr_power"):
@@ -221,8 +241,11 @@ class TrainConfig:
             raise bad("learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
         if self.lr_num_cycles is not None and not self.lr_num_cycles > 0:
             raise bad("lr_num_cycles", "must be positive")
-        if self.ddpm_num_inference_steps > self.ddpm_num_steps:
-            raise bad("ddpm_num_inference_steps", f"must be <= --ddpm_num_steps={self.ddpm_num_steps}")
+        for name in ("ddpm_num_inference_steps", "fid_inference_steps"):
+            if getattr(self, name) > self.ddpm_num_steps:
+                raise bad(name, f"must be <= --ddpm_num_steps={self.ddpm_num_steps}")
+        if not _is_int(self.fid_num_samples) or self.fid_num_samples < 2:
+            raise bad("fid_num_samples", "must be an integer >= 2 (FID needs a covariance)")
         if self.model_config_name_or_path is not None and self.pretrained_model_name_or_path is not None:
             raise ValueError(
                 "Give only one of --model_config_name_or_path and --pretrained_model_name_or_path "

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline Hub access, a tiny image folder, a tiny UNet config, a tiny training command line."""
+"""Shared fixtures: offline Hub access, a tiny image folder, a tiny UNet config, a tiny training command line, a
+randomly initialised FID Inception network (and its weights file)."""
 
 import json
 import os
@@ -89,3 +90,29 @@ def make_train_args(tiny_image_dir, tiny_unet_json, datasets_cache):
 def tiny_train_args(make_train_args, tmp_path):
     """:func:`make_train_args` writing into ``tmp_path / "run"``."""
     return make_train_args(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """The real architecture with variance-preserving random weights (PyTorch's default init makes the 94
+    stacked convolutions shrink the features to ~1e-8, which would make every distance look alike)."""
+    import torch
+    from torch import nn
+
+    from ddpm.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def random_weights(random_model, tmp_path_factory):
+    from ddpm.checkpoint import write_safetensors
+
+    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
+    write_safetensors(random_model.state_dict(), path)
+    return path

@@ -5,6 +5,7 @@ weights to ``--worker-out``, which only rank 0's checkpoints would not show.
 """
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +117,34 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert_close(rank0, rank1, exact=True)  # both ranks stopped after the same step...
     assert_close(rank0, read_safetensors(checkpoints[0] / "model.safetensors"), exact=True)  # ...the saved one
     assert f"Stopped by a signal after optimizer step {step}" in stderr
+
+
+def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, random_weights):
+    """The FID samples are split across ranks (5 samples: 3 on rank 0, 2 on rank 1) and so is the reference."""
+    from ddpm.train import train
+
+    common = ["--use_ema", "--max_train_steps", "2", "--inception_weights", str(random_weights), "--fid_every_steps"]
+    common += ["2", "--fid_num_samples", "5", "--fid_inference_steps", "3", "--fid_batch_size", "2"]
+    ddp_args = [*make_train_args(tmp_path / "ddp"), *common, "--train_batch_size", "2"]
+    done = subprocess.run(
+        torchrun_command(tmp_path / "ranks", ddp_args), env=worker_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    train(load_script().parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "4"]))
+
+    def fid(run: str) -> list[dict]:
+        lines = (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()
+        return [record for record in map(json.loads, lines) if "fid" in record]
+
+    (ddp,), (single,) = fid("ddp"), fid("single")
+    assert ddp["step"] == single["step"] == 2 and ddp["fid_num_samples"] == single["fid_num_samples"] == 5
+    # the two runs' weights differ by float rounding (~1e-7), so do the samples
+    assert ddp["fid"] == pytest.approx(single["fid"], rel=1e-4)
+    ddp_cache, single_cache = (next((tmp_path / run).glob("fid_reference-*.npz")) for run in ("ddp", "single"))
+    assert ddp_cache.name == single_cache.name  # the same key: it names the data, not the layout
+    # (statistics of per-rank batches: float32 convolutions round differently at another batch size)
+    for key in ("mu", "sigma"):
+        np.testing.assert_allclose(np.load(ddp_cache)[key], np.load(single_cache)[key], rtol=0, atol=1e-6)
 
 
 def _worker() -> None:

@@ -18,10 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from ddpm import inception, metrics
-from ddpm.checkpoint import write_safetensors
 from ddpm.inception import FIDInceptionV3, InceptionWeightsNotFoundError, find_inception_weights, load_inception
 from ddpm.metrics import FeatureStats, compute_features, frechet_distance, load_source
 
@@ -64,25 +62,6 @@ def _write_images(folder: Path, images: np.ndarray) -> Path:
 @pytest.fixture
 def small_inputs(monkeypatch):
     monkeypatch.setattr(FIDInceptionV3, "input_size", 75)
-
-
-@pytest.fixture(scope="module")
-def random_model() -> FIDInceptionV3:
-    """The real architecture with variance-preserving random weights (PyTorch's default init makes the 94
-    stacked convolutions shrink the features to ~1e-8, which would make every distance look alike)."""
-    torch.manual_seed(0)
-    model = FIDInceptionV3()
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def random_weights(random_model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("inception") / "random.safetensors"
-    write_safetensors(random_model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,15 @@ def assert_same_tensors(a, b, exact=True):
 
     Within tolerance, attention key biases are left out: softmax ignores a shift of every logit of a query, so their
     true gradient is zero and AdamW turns the rounding noise of a differently summed batch into full-size steps.
+    Other weights with near-zero gradients get a milder form of the same (AdamW divides by sqrt(v) + eps): up to
+    1.5e-6 after 4 steps with one CPU thread, hence atol 5e-6.
     """
     assert a.keys() == b.keys()
     for key in a:
         if exact:
             assert torch.equal(a[key], b[key]), key
         elif not key.endswith("to_k.bias"):
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=5e-6, msg=key)
 
 
 def optimizer_tensors(checkpoint_dir):
