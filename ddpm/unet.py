@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,8 @@ def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """GroupNorm-act-conv twice, with the time embedding added (or scale-shifted) in between.
 
-    ``forward(x, temb)`` takes the time embedding already passed through the activation (the same for every
-    block, so :class:`UNet` computes it once).
+    ``forward(x, temb, skip=None)`` takes the time embedding already passed through the activation (the same for
+    every block, so :class:`UNet` computes it once); in the up path, ``skip`` is concatenated to ``x`` first.
     """
 
     def __init__(self, cin: int, cout: int, cfg: UNetConfig, output_scale_factor: float = 1.0):
@@ -240,7 +241,9 @@ class ResnetBlock(nn.Module):
         self.act_fn = cfg.act_fn
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
         h = self.conv1(_activate(self.act_fn, self.norm1(x)))
         t = self.time_emb_proj(temb)[:, :, None, None]
         if self.scale_shift:
@@ -313,6 +316,18 @@ def _attention(cfg: UNetConfig, channels: int, groups: int | None, rescale: floa
     return Attention(channels, cfg.attention_head_dim, groups, cfg.norm_eps, rescale)
 
 
+# How a block calls its layers: directly, or through activation checkpointing (see UNet.forward).
+LayerCall = Callable[..., torch.Tensor]
+
+
+def _call(layer: nn.Module, *args: Any) -> torch.Tensor:
+    return layer(*args)
+
+
+def _checkpointed(layer: nn.Module, *args: Any) -> torch.Tensor:
+    return checkpoint(layer, *args, use_reentrant=False)
+
+
 class DownBlock(nn.Module):
     """``DownBlock2D`` / ``AttnDownBlock2D``: resnets (each followed by attention) then a stride-2 conv."""
 
@@ -324,15 +339,17 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, cfg) for j in range(n))
         self.downsamplers = nn.ModuleList([Downsample(cout, cfg.downsample_padding)]) if downsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, run: LayerCall = _call
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = run(resnet, x, temb)
             if hasattr(self, "attentions"):
-                x = self.attentions[j](x)
+                x = run(self.attentions[j], x)
             skips.append(x)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            x = run(self.downsamplers[0], x)
             skips.append(x)
         return x, skips
 
@@ -350,14 +367,16 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
 
-    def forward(self, x: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor, run: LayerCall = _call
+    ) -> torch.Tensor:
         # ``skips`` are this block's down-path activations in down-path order; the last one is consumed first.
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb)
+            x = run(resnet, x, temb, skips[-1 - j])
             if hasattr(self, "attentions"):
-                x = self.attentions[j](x)
+                x = run(self.attentions[j], x)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = run(self.upsamplers[0], x)
         return x
 
 
@@ -375,11 +394,11 @@ class MidBlock(nn.Module):
             self.attentions = nn.ModuleList([_attention(cfg, c, groups, scale)])
         self.resnets = nn.ModuleList(ResnetBlock(c, c, cfg, output_scale_factor=scale) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, run: LayerCall = _call) -> torch.Tensor:
+        x = run(self.resnets[0], x, temb)
         if hasattr(self, "attentions"):
-            x = self.attentions[0](x)
-        return self.resnets[1](x, temb)
+            x = run(self.attentions[0], x)
+        return run(self.resnets[1], x, temb)
 
 
 class UNet(nn.Module):
@@ -413,11 +432,6 @@ class UNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _run(self, block: nn.Module, *args: Any) -> Any:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float) -> torch.Tensor:
         cfg = self.config
         if cfg.center_input_sample:
@@ -431,14 +445,18 @@ class UNet(nn.Module):
         # Every resnet applies the activation to temb first (diffusers' ResnetBlock2D): do it once here.
         temb = _activate(cfg.act_fn, temb)
 
+        # Checkpointing wraps each resnet, attention and resampling layer: only the layers' inputs are kept (most
+        # are skip connections, kept anyway) and one layer's activations are rebuilt at a time in the backward pass.
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        run = _checkpointed if checkpointing else _call
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._run(block, x, temb)
+            x, block_skips = block(x, temb, run)
             skips += block_skips
-        x = self._run(self.mid_block, x, temb)
+        x = self.mid_block(x, temb, run)
         for block in self.up_blocks:
             n = len(block.resnets)
-            x = self._run(block, x, tuple(skips[-n:]), temb)
+            x = block(x, tuple(skips[-n:]), temb, run)
             del skips[-n:]
         return self.conv_out(F.silu(self.conv_norm_out(x)))
