@@ -236,6 +236,8 @@ def _commit(staging: Path, output_dir: Path) -> None:
         if (staging / name).is_file():
             _fsync(staging / name)
             os.replace(staging / name, output_dir / name)
+        elif name == SAMPLE_GRID_NAME:  # a previous export's grid would pass for samples of these weights
+            (output_dir / name).unlink(missing_ok=True)
 
 
 def export_pipeline(

@@ -645,7 +645,8 @@ def benchmark_e2e(
         if done.returncode != 0:
             log(f"e2e: scripts/train.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             return {"error": f"exit status {done.returncode}", "stderr_tail": done.stderr[-3000:]}
-        records = [json.loads(line) for line in (output / "logs" / "metrics.jsonl").read_text().splitlines() if line]
+        lines = (output / "logs" / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if "sec_per_step" in r]  # training records, not evaluations
     # The first logging interval holds the warm-up (compilation, first batches): leave it out.
     images_done = seconds = 0.0
     for previous, record in itertools.pairwise(records):

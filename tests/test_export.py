@@ -223,6 +223,9 @@ def test_export_touches_nothing_else_and_replaces_previous_export(tmp_path):
     assert "](samples.png)" in (run / "README.md").read_text()
     _, _, loaded = load_model(run)  # the exported pipeline is the run's result
     assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+    # a third export without a grid removes the second one's: it showed other weights
+    export_pipeline(unet_config, schedule_config, _random_model(unet_config, 3).state_dict(), run)
+    assert not (run / "samples.png").exists() and "samples.png" not in (run / "README.md").read_text()
 
 
 def test_failed_write_leaves_previous_export_intact(tmp_path, monkeypatch):
