@@ -306,19 +306,22 @@ def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     )
 
 
-def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
-    """Delete the oldest ``checkpoint-N`` folders of ``output_dir`` so that at most ``limit`` remain.
+def rotate_checkpoints(output_dir: str | Path, limit: int | None, keep: str | Path | None = None) -> list[Path]:
+    """Delete the oldest ``checkpoint-N`` folders of ``output_dir`` so that at most ``limit`` remain, never ``keep``.
 
-    Called after a save (the guide's script deletes before saving: the same folders survive, but a failed save
-    there leaves one checkpoint fewer). Leftover ``.tmp-checkpoint-*`` folders of interrupted saves go too.
-    Returns the deleted paths.
+    Called after a save, with ``keep`` the checkpoint just saved (the guide's script deletes before saving: the same
+    folders survive, but a failed save there leaves one checkpoint fewer). ``keep`` matters when a run resumed from
+    an older checkpoint while newer ones exist: by step number alone, the checkpoint just saved would be among the
+    oldest. Leftover ``.tmp-checkpoint-*`` folders of interrupted saves go too. Returns the deleted paths.
     """
     if limit is None:
         return []
     if limit < 1:
         raise ValueError(f"checkpoints_total_limit={limit} must be >= 1")
     leftovers = remove_interrupted_saves(output_dir)
-    removed = list_checkpoints(output_dir)[:-limit]
+    kept = Path(keep).resolve() if keep is not None else None
+    others = [p for p in list_checkpoints(output_dir) if p.resolve() != kept]
+    removed = others[: max(0, len(others) + (kept is not None) - limit)]
     for stale in removed:
         # Renamed first: a crash halfway through rmtree must not leave a half-deleted folder named checkpoint-N.
         doomed = stale.with_name(f".tmp-{stale.name}-deleting")

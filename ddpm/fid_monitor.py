@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .data import ImageDataset
-from .distributed import DistributedContext, all_reduce_sum, broadcast_module
+from .distributed import DistributedContext, all_reduce_sum, broadcast_module, broadcast_object
 from .ema import EMA
 from .generate import Autocast, sample_images
 from .inception import NUM_FEATURES, load_inception
@@ -111,7 +111,8 @@ class FIDMonitor:
             what = {**training_source, "images": len(source)}
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         cache = cache_dir / f"{CACHE_PREFIX}-{key}.npz"
-        if cache.is_file():
+        # Rank 0's view decides: every rank must take the same branch, or the others would wait in the all-reduce.
+        if broadcast_object(self.ctx, cache.is_file()):
             return FeatureStats.load(cache)
         start = time.perf_counter()
         mine = Subset(source, range(self.ctx.rank, len(source), self.ctx.world_size))

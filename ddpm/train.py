@@ -313,6 +313,16 @@ class _Trainer:
                     f"--output_dir {self.out} already holds a training run ({', '.join(found)}): pass "
                     "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over"
                 )
+        if resume is not None:
+            newer = [p.name for p in list_checkpoints(self.out) if checkpoint_step(p) > (checkpoint_step(resume) or -1)]
+            if newer:
+                logger.warning(
+                    "%s in %s are newer than the checkpoint resumed from (%s): this run replaces them as it reaches "
+                    "their steps; until then --resume_from_checkpoint latest would pick them",
+                    ", ".join(newer),
+                    self.out,
+                    resume.name,
+                )
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in remove_interrupted_saves(self.out):
             logger.warning("removed %s, the remains of an interrupted checkpoint save", stale)
@@ -768,7 +778,7 @@ class _Trainer:
                 )
             except OSError as e:  # disk full, quota, I/O error: the write is undone, say so and what to do
                 raise CheckpointSaveError(_save_failure_message(path, e, self.last_checkpoint)) from e
-            removed = rotate_checkpoints(self.out, cfg.checkpoints_total_limit)
+            removed = rotate_checkpoints(self.out, cfg.checkpoints_total_limit, keep=path)
             self.log.write(f"Saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
 
         self._on_main(save)

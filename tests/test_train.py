@@ -230,6 +230,16 @@ def test_rotation_keeps_the_newest_limit(tmp_path, tiny_train_args):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-6"]
 
 
+def test_rotation_after_resuming_an_older_checkpoint_keeps_the_one_just_saved(tmp_path, tiny_train_args, caplog):
+    run([*tiny_train_args, "--max_train_steps", "6", "--checkpoints_total_limit", "3"])
+    resume = [*tiny_train_args, "--max_train_steps", "3", "--checkpoints_total_limit", "3", "--checkpointing_steps", "1"]
+    with caplog.at_level(logging.WARNING):
+        run([*resume, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2")])
+    assert "checkpoint-4, checkpoint-6 in" in caplog.text and "newer than the checkpoint resumed from" in caplog.text
+    # by step alone checkpoint-3 would be among the oldest; the oldest *other* one goes instead
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+
+
 def test_a_previous_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_train_args):
     run([*tiny_train_args, "--max_train_steps", "4"])
     (tmp_path / "run" / "notes.txt").write_text("mine")
