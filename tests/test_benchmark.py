@@ -4,22 +4,18 @@ No speed is asserted: CI machines are shared and noisy. The lever tests compare 
 gradients, updated weights) with each lever against the plain eager path, from identical weights.
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from ddpm import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-benchmark = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = benchmark  # dataclasses look their module up there
-spec.loader.exec_module(benchmark)
+benchmark = load_script("benchmark")
 
 CPU = torch.device("cpu")
 # Two resolutions, attention with two heads, scale-shift off: every block kind of the UNet in a second of CPU.

@@ -1,14 +1,13 @@
 """ddpm.digits_eval and scripts/evaluate_digits.py: the digit-classifier metrics of the built-in digits."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loader import load_script
 
 from ddpm import digits_eval
 from ddpm.digits_eval import (
@@ -22,11 +21,7 @@ from ddpm.digits_eval import (
     train_classifier,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "evaluate_digits_script", Path(__file__).parents[1] / "scripts" / "evaluate_digits.py"
-)
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+cli = load_script("evaluate_digits")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ This file is also the worker torchrun starts (see ``__main__`` below): it trains
 weights to ``--worker-out``, which only rank 0's checkpoints would not show.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,15 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def torchrun_command(worker_out: Path, args: list[str]) -> list[str]:
@@ -52,7 +45,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ma
     from ddpm.checkpoint import read_safetensors
     from ddpm.train import train
 
-    script = load_script()
+    script = load_script("train")
     common = ["--use_ema", "--max_train_steps", "4"]  # global batch 8 = 16 images: 2 steps per epoch, 2 epochs
     ddp_args = [*make_train_args(tmp_path / "ddp"), *common, "--train_batch_size", "2"]
     ddp_args += ["--gradient_accumulation_steps", "2"]
@@ -130,7 +123,7 @@ def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, rand
         torchrun_command(tmp_path / "ranks", ddp_args), env=worker_env(), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-5000:]
-    train(load_script().parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "4"]))
+    train(load_script("train").parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "4"]))
 
     def fid(run: str) -> list[dict]:
         lines = (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()
@@ -155,7 +148,7 @@ def _worker() -> None:
     out = Path(sys.argv[sys.argv.index("--worker-out") + 1])
     argv = sys.argv[1:]
     i = argv.index("--worker-out")
-    config = load_script().parse_args(argv[:i] + argv[i + 2 :])
+    config = load_script("train").parse_args(argv[:i] + argv[i + 2 :])
     result = train(config)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(result.unet.state_dict(), out / f"rank{os.environ['RANK']}.safetensors")

@@ -1,7 +1,6 @@
 """Export to the diffusers DDPMPipeline layout, proven by the installed diffusers itself."""
 
 import hashlib
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from script_loader import load_script
 from unet_configs import CONFIG_DIR, TINY
 
 import ddpm.export as export_module
@@ -27,13 +27,6 @@ from ddpm.pretrained import load_model
 diffusers = pytest.importorskip("diffusers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 CASES = {
@@ -317,7 +310,7 @@ def _write_checkpoint(path, step, unet_config, schedule_config, live, ema, comma
 
 
 def test_convert_to_diffusers_cli(tmp_path):
-    main = _script("convert_to_diffusers").main
+    main = load_script("convert_to_diffusers").main
     unet_config, schedule_config = UNetConfig.from_dict(TINY), CASES["tiny"][1]
     live, ema = _random_model(unet_config, 1).state_dict(), _random_model(unet_config, 2).state_dict()
     command = "python scripts/train.py --dataset_name x --push_to_hub --hub_token hf_SecretSecretSecret1234"

@@ -1,7 +1,6 @@
 """Pushing to the Hub, with the network replaced at the ``huggingface_hub.HfApi`` boundary."""
 
 import hashlib
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
+from script_loader import load_script
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig
@@ -82,13 +82,6 @@ def run(tmp_path):
 
 def _digest(folder):
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("private", [False, True])
@@ -172,7 +165,7 @@ def test_refuses_folder_without_export_and_bad_repo_id(api, run, tmp_path):
 
 
 def test_push_to_hub_script(api, run, capsys):
-    main = _script("push_to_hub").main
+    main = load_script("push_to_hub").main
     main(["--folder", str(run), "--hub_model_id", "me/ddpm-tiny", "--hub_token", TOKEN, "--hub_private_repo"])
     calls = api.instances[-1].calls
     assert calls[-1][2]["files"] == PIPELINE

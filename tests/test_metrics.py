@@ -8,7 +8,6 @@ Most tests use a randomly initialised network of the real architecture, fed 75x7
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import urllib.error
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loader import load_script
 
 from ddpm import inception, metrics
 from ddpm.inception import FIDInceptionV3, InceptionWeightsNotFoundError, find_inception_weights, load_inception
@@ -26,15 +26,8 @@ from ddpm.metrics import FeatureStats, compute_features, frechet_distance, load_
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _load_script("evaluate")
-fetch_script = _load_script("fetch_inception_weights")
+evaluate_script = load_script("evaluate")
+fetch_script = load_script("fetch_inception_weights")
 
 
 def _real_weights_path() -> Path:

@@ -1,6 +1,5 @@
 """Import from diffusers-made folders (and our own checkpoints and runs): same outputs, same tensors, clear refusals."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from script_loader import load_script
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
@@ -29,13 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _reference_pipeline():
@@ -93,7 +86,7 @@ def test_diffusers_folder_imports_with_identical_outputs_and_round_trips_bit_for
     assert np.abs(got - expected).max() <= 1e-4
 
     # export(import(x)) reproduces x: every tensor bit for bit, every config value
-    _script("convert_from_diffusers").main(["--model", str(source), "--output_dir", str(tmp_path / "out")])
+    load_script("convert_from_diffusers").main(["--model", str(source), "--output_dir", str(tmp_path / "out")])
     exported = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
     assert set(exported) == set(reference)
     for key, tensor in reference.items():
@@ -318,5 +311,5 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, kind):
         load_model(source)
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=match):
-        _script("convert_from_diffusers").main(["--model", str(source), "--output_dir", str(out)])
+        load_script("convert_from_diffusers").main(["--model", str(source), "--output_dir", str(out)])
     assert not out.exists()

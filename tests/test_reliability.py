@@ -32,7 +32,6 @@ When run as a script, this file is a training worker for torchrun that first rec
 """
 
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -48,7 +47,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_UNET
 from PIL import Image
+from script_loader import load_script
 
 import ddpm.checkpoint as checkpoint_module
 import ddpm.train as train_module
@@ -58,27 +59,11 @@ from ddpm.train import CheckpointSaveError, train
 from ddpm.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_UNET = {  # conftest.TINY_UNET (conftest is not importable when this file runs as a torchrun worker)
-    "sample_size": 8,
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "attention_head_dim": 8,
-}
 # No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.
 QUIET = ["--save_images_epochs", "100000", "--save_model_epochs", "100000"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = load_script()
+script = load_script("train")
 
 
 def run(args):

@@ -9,7 +9,6 @@ bit-exact where the batch shapes are the same, within a rounding level otherwise
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loader import load_script
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig
@@ -44,14 +44,7 @@ SCHEDULE = ScheduleConfig(num_train_timesteps=100)
 STEPS = ["--num_inference_steps", "10"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_script = load_script()
+sample_script = load_script("sample")
 
 
 def worker_env() -> dict[str, str]:

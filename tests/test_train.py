@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 import ddpm.train as train_module
 from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
 from ddpm.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+script = load_script("train")
 
 GUIDE_SCRIPT_ARGS = {
     "flowers": '--dataset_name="huggan/flowers-102-categories" --resolution=64 --center_crop --random_flip '
@@ -232,7 +231,8 @@ def test_rotation_keeps_the_newest_limit(tmp_path, tiny_train_args):
 
 def test_rotation_after_resuming_an_older_checkpoint_keeps_the_one_just_saved(tmp_path, tiny_train_args, caplog):
     run([*tiny_train_args, "--max_train_steps", "6", "--checkpoints_total_limit", "3"])
-    resume = [*tiny_train_args, "--max_train_steps", "3", "--checkpoints_total_limit", "3", "--checkpointing_steps", "1"]
+    resume = [*tiny_train_args, "--max_train_steps", "3", "--checkpoints_total_limit", "3"]
+    resume += ["--checkpointing_steps", "1"]
     with caplog.at_level(logging.WARNING):
         run([*resume, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2")])
     assert "checkpoint-4, checkpoint-6 in" in caplog.text and "newer than the checkpoint resumed from" in caplog.text

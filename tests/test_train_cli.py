@@ -1,6 +1,5 @@
 """scripts/train.py's command line: diffusers' flags and defaults, --config files, validation errors."""
 
-import importlib.util
 import json
 import re
 import shlex
@@ -8,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from ddpm.train_config import DEFAULT_UNET, TrainConfig, load_config_file
 
@@ -78,14 +78,7 @@ DIFFUSERS_DEFAULTS = {
 }
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = load_script()
+script = load_script("train")
 
 
 def guide_args(name: str) -> list[str]:

@@ -5,7 +5,6 @@ A randomly initialised Inception network of the real architecture stands in for 
 (see test_metrics.py): the figures are meaningless, the code paths are the real ones.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loader import load_script
 
 from ddpm.data import ImageTransform
 from ddpm.fid_monitor import CACHE_PREFIX, SAMPLE_SEED
@@ -27,9 +27,7 @@ from ddpm.train_config import TrainConfig
 from ddpm.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+script = load_script("train")
 
 FID_ARGS = ["--fid_every_steps", "2", "--fid_num_samples", "6", "--fid_inference_steps", "3", "--fid_batch_size", "4"]
 
