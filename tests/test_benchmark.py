@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from helpers import load_script
 
 from ddpm import UNet, UNetConfig
 

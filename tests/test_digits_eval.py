@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 from PIL import Image
-from script_loader import load_script
 
 from ddpm import digits_eval
 from ddpm.digits_eval import (

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from script_loader import load_script
+from helpers import load_script, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,11 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun_command(worker_out: Path, args: list[str]) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return [*launcher, __file__, "--worker-out", str(worker_out), *args, "--ddp_timeout", "120"]
-
-
-def worker_env() -> dict[str, str]:
-    # one thread per rank: two ranks share the two CI cores
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def assert_close(a: dict, b: dict, exact: bool = False) -> None:
@@ -50,7 +45,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ma
     ddp_args = [*make_train_args(tmp_path / "ddp"), *common, "--train_batch_size", "2"]
     ddp_args += ["--gradient_accumulation_steps", "2"]
     done = subprocess.run(
-        torchrun_command(tmp_path / "ranks", ddp_args), env=worker_env(), capture_output=True, text=True, timeout=600
+        torchrun_command(tmp_path / "ranks", ddp_args),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-5000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8 (2 x 2 processes x 2)" in done.stderr
@@ -88,7 +87,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
     args += ["--checkpointing_steps", "100000", "--save_images_epochs", "100000", "--save_model_epochs", "100000"]
     process = subprocess.Popen(
         torchrun_command(tmp_path / "ranks", args),
-        env=worker_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -120,7 +119,11 @@ def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, rand
     common += ["2", "--fid_num_samples", "5", "--fid_inference_steps", "3", "--fid_batch_size", "2"]
     ddp_args = [*make_train_args(tmp_path / "ddp"), *common, "--train_batch_size", "2"]
     done = subprocess.run(
-        torchrun_command(tmp_path / "ranks", ddp_args), env=worker_env(), capture_output=True, text=True, timeout=600
+        torchrun_command(tmp_path / "ranks", ddp_args),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-5000:]
     train(load_script("train").parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "4"]))

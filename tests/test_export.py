@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_script, write_model_checkpoint
 from safetensors import safe_open
-from script_loader import load_script
 from unet_configs import CONFIG_DIR, TINY
 
 import ddpm.export as export_module
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
-from ddpm.checkpoint import write_json, write_safetensors
 from ddpm.export import (
     DIFFUSERS_VERSION,
     export_pipeline,
@@ -292,31 +291,14 @@ def test_validate_state_dict_accepts_exact_match():
     validate_state_dict(unet_config, _random_model(unet_config).state_dict(), "test")
 
 
-def _write_checkpoint(path, step, unet_config, schedule_config, live, ema, command):
-    """A training checkpoint in the documented layout (only what loading the model reads)."""
-    path.mkdir(parents=True)
-    write_safetensors(live, path / "model.safetensors")
-    if ema is not None:
-        write_safetensors(ema, path / "ema.safetensors")
-    config = {
-        "format": "ddpm-checkpoint",
-        "version": 1,
-        "step": step,
-        "unet": unet_config.to_dict(),
-        "schedule": schedule_config.to_dict(),
-        "run": {"command": command},
-    }
-    write_json(config, path / "config.json")
-
-
 def test_convert_to_diffusers_cli(tmp_path):
     main = load_script("convert_to_diffusers").main
     unet_config, schedule_config = UNetConfig.from_dict(TINY), CASES["tiny"][1]
     live, ema = _random_model(unet_config, 1).state_dict(), _random_model(unet_config, 2).state_dict()
     command = "python scripts/train.py --dataset_name x --push_to_hub --hub_token hf_SecretSecretSecret1234"
     run = tmp_path / "run"
-    _write_checkpoint(run / "checkpoint-2", 2, unet_config, schedule_config, ema, ema, command)
-    _write_checkpoint(run / "checkpoint-4", 4, unet_config, schedule_config, live, ema, command)
+    write_model_checkpoint(run / "checkpoint-2", 2, unet_config, schedule_config, ema, ema, {"command": command})
+    write_model_checkpoint(run / "checkpoint-4", 4, unet_config, schedule_config, live, ema, {"command": command})
 
     main(["--checkpoint", str(run), "--output_dir", str(tmp_path / "ema")])  # latest checkpoint, EMA weights
     unet, _ = diffusers.UNet2DModel.from_pretrained(tmp_path / "ema", subfolder="unet", output_loading_info=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from helpers import load_script
 from huggingface_hub.utils import filter_repo_objects
-from script_loader import load_script
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig

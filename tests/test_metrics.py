@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 from PIL import Image
-from script_loader import load_script
 
 from ddpm import inception, metrics
 from ddpm.inception import FIDInceptionV3, InceptionWeightsNotFoundError, find_inception_weights, load_inception
@@ -50,11 +50,6 @@ def _write_images(folder: Path, images: np.ndarray) -> Path:
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     return folder
-
-
-@pytest.fixture
-def small_inputs(monkeypatch):
-    monkeypatch.setattr(FIDInceptionV3, "input_size", 75)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from helpers import load_script, write_model_checkpoint
 from safetensors.torch import load_file, save_file
-from script_loader import load_script
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
-from ddpm.checkpoint import write_json, write_safetensors
+from ddpm.checkpoint import write_json
 from ddpm.export import export_pipeline
 from ddpm.pretrained import LEGACY_UNET_DEFAULTS, load_model
 
@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every model here is tiny: thread hand-offs would cost more than the maths (ruinously on a busy runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every model here is tiny
 
 
 def _reference_pipeline():
@@ -187,21 +181,6 @@ def test_train_unconditional_accelerate_checkpoint_prefers_ema(tmp_path):
     assert all(torch.equal(state_dict[k], v) for k, v in live.state_dict().items())
 
 
-def _checkpoint(path, step, unet_config, live, ema):
-    path.mkdir(parents=True)
-    write_safetensors(live, path / "model.safetensors")
-    write_safetensors(ema, path / "ema.safetensors")
-    config = {
-        "format": "ddpm-checkpoint",
-        "version": 1,
-        "step": step,
-        "unet": unet_config.to_dict(),
-        "schedule": ScheduleConfig(prediction_type="sample").to_dict(),
-        "run": {},
-    }
-    write_json(config, path / "config.json")
-
-
 def test_checkpoints_and_run_folders(tmp_path):
     unet_config = UNetConfig.from_dict(TINY)
     weights = {}
@@ -209,8 +188,9 @@ def test_checkpoints_and_run_folders(tmp_path):
         torch.manual_seed(seed)
         weights[seed] = UNet(unet_config).state_dict()
     run = tmp_path / "run"
-    _checkpoint(run / "checkpoint-2", 2, unet_config, weights[0], weights[1])
-    _checkpoint(run / "checkpoint-4", 4, unet_config, weights[2], weights[3])
+    schedule_config = ScheduleConfig(prediction_type="sample")
+    write_model_checkpoint(run / "checkpoint-2", 2, unet_config, schedule_config, weights[0], weights[1])
+    write_model_checkpoint(run / "checkpoint-4", 4, unet_config, schedule_config, weights[2], weights[3])
 
     def loaded(*args, **kwargs):
         return load_model(*args, **kwargs)[2]

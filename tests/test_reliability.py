@@ -48,8 +48,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET
+from helpers import load_script, subprocess_env
 from PIL import Image
-from script_loader import load_script
 
 import ddpm.checkpoint as checkpoint_module
 import ddpm.train as train_module
@@ -72,11 +72,6 @@ def run(args):
 
 def metrics(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def subprocess_env(**extra):
-    # one thread per process: the two CI cores are shared by the processes of a test
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
 
 
 def start(command, **env):
@@ -112,13 +107,8 @@ def kill_all(processes):
     return [p.communicate()[1] for p in processes]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the subprocesses: on 2 shared cores, more threads make these tiny runs ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread, as the subprocesses: on 2 shared cores, more threads make these tiny runs ~10x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

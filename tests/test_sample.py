@@ -9,7 +9,6 @@ bit-exact where the batch shapes are the same, within a rounding level otherwise
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,21 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_script, subprocess_env, write_model_checkpoint
 from PIL import Image
-from script_loader import load_script
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig
 from ddpm.checkpoint import (
-    CONFIG_NAME,
-    EMA_NAME,
-    FORMAT,
-    MODEL_NAME,
-    VERSION,
-    atomic_write_dir,
     load_checkpoint_model,
-    write_json,
-    write_safetensors,
 )
 from ddpm.generate import image_generators, sample_images
 from ddpm.sampling import ddpm_sample, to_uint8
@@ -47,17 +38,7 @@ STEPS = ["--num_inference_steps", "10"]
 sample_script = load_script("sample")
 
 
-def worker_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Subprocesses run one thread per process (torchrun's default); in-process runs match them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the subprocesses: in-process runs match them
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +47,7 @@ def checkpoint(tmp_path_factory):
     config = UNetConfig.from_dict(TINY)
     live = UNet(config).state_dict()
     ema = {k: torch.zeros_like(v) if k.startswith("conv_out.") else v for k, v in live.items()}
-    path = tmp_path_factory.mktemp("run") / "checkpoint-3"
-    with atomic_write_dir(path) as tmp:
-        write_safetensors(live, tmp / MODEL_NAME)
-        write_safetensors(ema, tmp / EMA_NAME)
-        write_json(
-            {"format": FORMAT, "version": VERSION, "step": 3, "unet": config.to_dict(),
-             "schedule": SCHEDULE.to_dict(), "run": {}},
-            tmp / CONFIG_NAME,
-        )  # fmt: skip
-    return path
+    return write_model_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint-3", 3, config, SCHEDULE, live, ema)
 
 
 def run(model, out, num_images, *extra):
@@ -142,7 +114,7 @@ def test_two_processes_give_the_images_of_one(checkpoint, tmp_path):
     args = script_command(checkpoint, tmp_path / "ddp", 8, "--no_ema", "--batch_size", 2, "--save_npz")
     done = subprocess.run(
         [*launcher, str(ROOT / "scripts" / "sample.py"), *args],
-        env=worker_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -159,7 +131,7 @@ def test_two_processes_give_the_images_of_one(checkpoint, tmp_path):
 def test_resumes_after_a_kill(checkpoint, tmp_path):
     out, n = tmp_path / "killed", 30
     args = script_command(checkpoint, out, n, "--no_ema", "--batch_size", 1, "--num_inference_steps", 20)
-    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "sample.py"), *args], env=worker_env())
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "sample.py"), *args], env=subprocess_env())
     try:
         deadline = time.monotonic() + 120
         while len(list((out / "images").glob("*.png"))) < 2 and process.poll() is None:
@@ -175,7 +147,7 @@ def test_resumes_after_a_kill(checkpoint, tmp_path):
     (out / "images" / f".{missing:06d}.png.tmp").write_bytes(b"\x89PNG truncated")  # a kill mid-write
     first_written = done_before[0].stat().st_mtime_ns
 
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *args], env=worker_env(), check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *args], env=subprocess_env(), check=True)
     assert done_before[0].stat().st_mtime_ns == first_written  # finished images are not redone
     run(checkpoint, tmp_path / "uninterrupted", n, "--no_ema", "--batch_size", 1, "--num_inference_steps", 20)
     np.testing.assert_array_equal(read_images(out, n), read_images(tmp_path / "uninterrupted", n))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from helpers import load_script
 
 import ddpm.train as train_module
 from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state

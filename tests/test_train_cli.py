@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
+from helpers import load_script
 
 from ddpm.train_config import DEFAULT_UNET, TrainConfig, load_config_file
 

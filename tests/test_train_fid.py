@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 from PIL import Image
-from script_loader import load_script
 
 from ddpm.data import ImageTransform
 from ddpm.fid_monitor import CACHE_PREFIX, SAMPLE_SEED
 from ddpm.generate import sample_images
-from ddpm.inception import FIDInceptionV3
 from ddpm.metrics import FeatureStats, compute_features, frechet_distance, load_source
 from ddpm.pretrained import load_model
 from ddpm.sampling import to_uint8
@@ -30,11 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 script = load_script("train")
 
 FID_ARGS = ["--fid_every_steps", "2", "--fid_num_samples", "6", "--fid_inference_steps", "3", "--fid_batch_size", "4"]
-
-
-@pytest.fixture
-def small_inputs(monkeypatch):
-    monkeypatch.setattr(FIDInceptionV3, "input_size", 75)
 
 
 def fid_records(output_dir: Path) -> list[dict]:
