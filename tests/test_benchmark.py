@@ -6,7 +6,6 @@ gradients, updated weights) with each lever against the plain eager path, from i
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from helpers import load_script
 
 from ddpm import UNet, UNetConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 benchmark = load_script("benchmark")
 
 CPU = torch.device("cpu")
@@ -46,9 +44,8 @@ def test_quick_run_writes_well_formed_json(tmp_path, capsys):
     assert result["config"] == "quickstart-digits-16" and result["dtype"] == "fp32" and result["batch_size"] == 2
     assert result["parameters"] == UNet(UNetConfig.from_dict(result["unet_config"])).num_parameters()
     assert result["gflop_per_image"]["train"] > 2 * result["gflop_per_image"]["sample"] > 0
-    names = [row["variant"] for row in result["rows"]]
-    have_diffusers = benchmark.diffusers_module() is not None
-    assert names == (["diffusers"] if have_diffusers else []) + ["ours", "ours+fused"]
+    # diffusers is a test dependency: a quick run without its row is a failure, not a smaller table
+    assert [row["variant"] for row in result["rows"]] == ["diffusers", "ours", "ours+fused"]
     for row in result["rows"]:
         for phase in ("train", "sample"):
             figures = row[phase]
@@ -57,8 +54,7 @@ def test_quick_run_writes_well_formed_json(tmp_path, capsys):
             assert figures["mfu"] is None  # no MFU on CPU
             assert _finite_positive(figures["peak_mem_mb"])  # from a subprocess per row
         assert row["max_abs_diff_vs_first_row"] < 1e-4  # same weights, same inputs: the same outputs
-        if have_diffusers:
-            assert set(row["speedup_vs_diffusers"]) == {"train", "sample"}
+        assert set(row["speedup_vs_diffusers"]) == {"train", "sample"}
     assert "| variant |" in benchmark.format_table(result)
 
 
@@ -142,7 +138,6 @@ def test_levers_keep_the_results(spec):
 
 
 def test_diffusers_row_matches_ours():
-    pytest.importorskip("diffusers")
     sample, grads, weights = _one_step("ours")
     sample2, grads2, weights2 = _one_step("diffusers")
     torch.testing.assert_close(sample2, sample, rtol=1e-5, atol=1e-5)
@@ -174,6 +169,11 @@ def test_compile_graph_capture_keeps_the_results():
 
 @pytest.mark.slow
 def test_compile_inductor_keeps_the_sampling_output():
+    """Inductor's generated code (what ``--compile`` runs) keeps the whole model's output. Kept in CI despite its cost
+    (about 15 s with a warm inductor cache, 1 to 1.5 min cold on 2 shared cores; a one-level UNet still takes 60 %
+    of that, the C++ compile of each fused kernel dominating): it is the only check of that code, and inductor fuses
+    operations across module boundaries, so compiling blocks one by one would not check the same code. The aot_eager
+    test above covers graph capture and autograd in seconds."""
     _compiled_matches_eager("inductor", train=False)
 
 
@@ -183,7 +183,6 @@ def test_e2e_is_skipped_without_train_script(monkeypatch, tmp_path):
     assert "not found" in document["results"][0]["e2e"]["skipped"]
 
 
-@pytest.mark.skipif(not (ROOT / "scripts" / "train.py").is_file(), reason="scripts/train.py not written yet")
 def test_e2e_runs_train_script(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))

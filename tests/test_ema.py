@@ -1,11 +1,10 @@
 """EMA: diffusers' warm-up rule, the averaging itself, the swap for sampling and the checkpoint state."""
 
+import diffusers.training_utils as diffusers_training_utils
 import pytest
 import torch
 
 from ddpm import EMA
-
-diffusers_training_utils = pytest.importorskip("diffusers.training_utils")
 
 
 @pytest.mark.parametrize("step, expected", [(1, 0.0), (2, 0.4054), (10, 0.8222), (1000, 0.99438), (10_000, 0.9990)])
@@ -43,16 +42,18 @@ def test_applied_to_swaps_in_and_restores_live_weights():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 3)
     ema = EMA(model)
-    ema.update(model)
-    live = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update(model)  # the first update copies the weights (decay 0)
+    averaged = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        model.weight.add_(1.0)
+        for p in model.parameters():
+            p.add_(1.0)
     live = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.applied_to(model):
-        torch.testing.assert_close(model.weight, ema.shadow["weight"])
-        assert not torch.equal(model.weight, live["weight"])
+        for key, value in model.state_dict().items():  # every tensor swapped in, and it is the average
+            assert torch.equal(value, averaged[key]) and torch.equal(value, ema.shadow[key]), key
+            assert not torch.equal(value, live[key]), key
     for key, value in model.state_dict().items():
-        assert torch.equal(value, live[key])
+        assert torch.equal(value, live[key]), key
 
 
 def test_state_round_trip_and_mismatch_errors():

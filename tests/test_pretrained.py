@@ -2,8 +2,8 @@
 
 import json
 import logging
-from pathlib import Path
 
+import diffusers
 import huggingface_hub
 import numpy as np
 import pytest
@@ -17,8 +17,6 @@ from ddpm.checkpoint import write_json
 from ddpm.export import export_pipeline
 from ddpm.pretrained import LEGACY_UNET_DEFAULTS, load_model
 
-diffusers = pytest.importorskip("diffusers")
-ROOT = Path(__file__).resolve().parents[1]
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 

@@ -1,5 +1,6 @@
 """Noise schedule, training losses and samplers against diffusers' DDPMScheduler / DDPMPipeline / DDIMScheduler."""
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,9 @@ from unet_configs import TINY
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddim_sample, ddpm_sample, inference_timesteps
 from ddpm.sampling import save_grid, to_uint8
 
-diffusers = pytest.importorskip("diffusers")
+# Every model here is tiny: with several threads, hand-offs on shared cores cost more than the maths (the 1000-step
+# sampling below took minutes instead of seconds).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -112,8 +115,12 @@ def _pipeline_images(pipeline, steps, **kwargs):
     return out.images
 
 
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
-@pytest.mark.parametrize("steps, spacing", [(1000, "leading"), (50, "leading"), (50, "trailing"), (10, "linspace")])
+# One 1000-step run (every training timestep, no respacing); the respaced runs cover both variances and spacings.
+@pytest.mark.parametrize(
+    "variance_type, steps, spacing",
+    [("fixed_small", 1000, "leading")]
+    + [(v, *s) for v in ("fixed_small", "fixed_large") for s in ((50, "leading"), (50, "trailing"), (10, "linspace"))],
+)
 def test_ddpm_sampler_reproduces_ddpm_pipeline(tiny_pair, variance_type, steps, spacing):
     reference, ours = tiny_pair
     scheduler = diffusers.DDPMScheduler(variance_type=variance_type, timestep_spacing=spacing)
@@ -146,6 +153,23 @@ def test_ddim_sampler_reproduces_ddim_pipeline(tiny_pair, eta, prediction_type):
     expected = _pipeline_images(diffusers.DDIMPipeline(unet=reference, scheduler=scheduler), 20, eta=eta)
     schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(config)))
     images = ddim_sample(_DiffusersModel(reference), schedule, 2, num_inference_steps=20, eta=eta,
+                         generator=torch.Generator().manual_seed(3))
+    got = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_ddim_sampler_reproduces_ddim_pipeline_for_every_prediction_and_spacing(tiny_pair, prediction_type, spacing):
+    # Driven by diffusers' UNet, as above. 6 steps: 1000 // 6 = 166 is not the spacing of the trailing (999, 832, ...)
+    # or linspace (999, 799, ...) grids, so DDIMScheduler's ``prev_t = t - 166`` differs from the next timestep
+    # visited there; eta > 0 exercises the variance and its noise too.
+    reference, _ = tiny_pair
+    config = diffusers.DDPMScheduler(prediction_type=prediction_type, timestep_spacing=spacing).config
+    scheduler = diffusers.DDIMScheduler.from_config(config)
+    expected = _pipeline_images(diffusers.DDIMPipeline(unet=reference, scheduler=scheduler), 6, eta=0.5)
+    schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(config)))
+    images = ddim_sample(_DiffusersModel(reference), schedule, 2, num_inference_steps=6, eta=0.5,
                          generator=torch.Generator().manual_seed(3))
     got = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(got - expected).max() <= 1e-5

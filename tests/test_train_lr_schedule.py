@@ -2,12 +2,11 @@
 
 import io
 
+import diffusers.optimization as optimization
 import pytest
 import torch
 
-from ddpm.lr_schedule import LR_SCHEDULERS, build_lr_scheduler, lr_multiplier
-
-optimization = pytest.importorskip("diffusers.optimization")
+from ddpm.lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, build_lr_scheduler, lr_multiplier
 
 
 def lrs(scheduler, steps):
@@ -23,14 +22,30 @@ def optimizer(lr=1e-3):
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
 
 
+def polynomial_without_decay_steps(total: int, steps: int, lr: float = 1e-3) -> list[float]:
+    """diffusers' polynomial schedule with warm-up == total, which divides by zero at step == total (0 decay steps):
+    its values at every other step, and there the value every shorter warm-up has at its end, the full rate."""
+    theirs = optimization.get_polynomial_decay_schedule_with_warmup(optimizer(lr), total, total).lr_lambdas[0]
+    with pytest.raises(ZeroDivisionError):
+        theirs(total)
+    for shorter in (total - 1, total // 2):
+        end_of_warmup = optimization.get_polynomial_decay_schedule_with_warmup(optimizer(lr), shorter, total)
+        assert end_of_warmup.lr_lambdas[0](shorter) == pytest.approx(1.0)
+    expected = [lr * (1.0 if step == total else theirs(step)) for step in range(steps)]
+    assert expected[total - 1] < lr and expected[total + 1] == pytest.approx(POLYNOMIAL_LR_END)
+    return expected
+
+
 @pytest.mark.parametrize("name", LR_SCHEDULERS)
 @pytest.mark.parametrize("warmup, total", [(0, 50), (10, 50), (7, 100), (50, 50)])
 def test_matches_diffusers_get_scheduler(name, warmup, total):
-    if name == "polynomial" and warmup == total:
-        pytest.skip("diffusers divides by zero there (we take max(1, ...))")
     ours = build_lr_scheduler(optimizer(), name, warmup, total)
-    theirs = optimization.get_scheduler(name, optimizer(), num_warmup_steps=warmup, num_training_steps=total)
-    assert lrs(ours, total + 5) == pytest.approx(lrs(theirs, total + 5), rel=1e-12, abs=1e-15)
+    if name == "polynomial" and warmup == total:
+        expected = polynomial_without_decay_steps(total, total + 5)
+    else:
+        theirs = optimization.get_scheduler(name, optimizer(), num_warmup_steps=warmup, num_training_steps=total)
+        expected = lrs(theirs, total + 5)
+    assert lrs(ours, total + 5) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.parametrize("name, cycles", [("cosine", 1.5), ("cosine_with_restarts", 3)])

@@ -1,14 +1,13 @@
-"""The UNet against diffusers' UNet2DModel: parameter counts, state-dict keys and shapes, outputs."""
+"""The UNet against diffusers' UNet2DModel: parameter counts, state-dict keys and shapes, outputs, dropout."""
 
 import json
 
+import diffusers
 import pytest
 import torch
 from unet_configs import CONFIG_DIR, SCALE_SHIFT_DROPOUT, TINY
 
 from ddpm import UNet, UNetConfig
-
-diffusers = pytest.importorskip("diffusers")
 
 
 def _load(name: str) -> dict:
@@ -58,17 +57,39 @@ def test_outputs_match_with_diffusers_weights(pair):
             assert (ours(x, t) - expected).abs().max().item() <= 1e-5
 
 
-def test_google_checkpoint_layout_keys_match_reference_list():
-    """The train_unconditional model's keys equal the reference key list shipped in shared/ (when present)."""
-    keys_file = CONFIG_DIR.parents[2] / "shared" / "reference" / "unet2d_train_unconditional_keys.txt"
-    if not keys_file.is_file():
-        pytest.skip("reference key list not available beside the checkout")
-    listed = {}
-    for line in keys_file.read_text().splitlines():
-        key, _, shape = line.partition(" ")
-        listed[key] = tuple(json.loads(shape))
-    model = UNet(UNetConfig.from_dict(CONFIGS["train_unconditional_64"]))
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == listed
+def _dropout_in_logical_order(self: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Dropout`` with its mask drawn in the tensor's logical order. torch fills the mask in memory order, and on
+    the CPU diffusers' activations are channels-last after an attention block (ours stay contiguous): the same
+    seed would then drop other elements, whatever the placement."""
+    if not self.training or self.p == 0:  # as torch: no random numbers drawn (diffusers' attention has p=0 ones)
+        return x
+    keep = torch.rand(x.shape, dtype=x.dtype, device=x.device) >= self.p
+    return x * keep / (1 - self.p)
+
+
+def test_dropout_sits_where_diffusers_puts_it(monkeypatch):
+    """In training mode the same seed gives the same dropout masks only if dropout is applied to the same tensors,
+    in the same order, as in diffusers' ResnetBlock2D (after norm2 and the activation, before conv2)."""
+    monkeypatch.setattr(torch.nn.Dropout, "forward", _dropout_in_logical_order)
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DModel(**SCALE_SHIFT_DROPOUT).train()
+    ours = UNet(UNetConfig.from_dict(dict(reference.config))).train()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    cfg = reference.config
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 800])
+    outputs = {}
+    with torch.no_grad():
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            expected = reference(x, t).sample
+            torch.manual_seed(seed)
+            outputs[seed] = ours(x, t)
+            assert (outputs[seed] - expected).abs().max().item() <= 1e-5
+        evaluated = ours.eval()(x, t)
+    # dropout was active: another seed, or no dropout, gives another output
+    assert (outputs[5] - outputs[6]).abs().max().item() > 1e-2
+    assert (outputs[5] - evaluated).abs().max().item() > 1e-2
 
 
 def test_gradient_checkpointing_gives_same_gradients():
