@@ -185,7 +185,11 @@ def test_mixed_precision_runs_the_network_in_bf16(checkpoint, tmp_path):
     run(checkpoint, tmp_path / "bf16", 2, "--no_ema", "--mixed_precision", "bf16")
     run(checkpoint, tmp_path / "fp32", 2, "--no_ema")
     bf16, fp32 = read_images(tmp_path / "bf16", 2).astype(int), read_images(tmp_path / "fp32", 2).astype(int)
-    assert 0 < np.abs(bf16 - fp32).mean() < 40  # rounded differently, yet the same noise made both
+    difference = np.abs(bf16 - fp32)
+    # Rounded differently (an ignored flag gives float32's images bit for bit), yet the same noise made both:
+    # measured mean 0.17, max 2 grey levels; other noise (another seed) gives a mean of ~100.
+    assert difference.mean() > 0
+    assert difference.mean() < 1 and difference.max() <= 8
 
 
 @pytest.mark.parametrize(

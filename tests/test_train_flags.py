@@ -1,0 +1,208 @@
+"""Training flags that change the maths, each checked in real (one-step) training runs against an independent
+computation: --max_grad_norm against a clip done by hand, --prediction_type and --ddpm_beta_schedule against the loss
+diffusers' DDPMScheduler gives, --ddpm_variance_type against DDPMPipeline sampling the exported model, and how these
+flags merge with a pretrained model's schedule."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import load_script
+from PIL import Image
+
+from ddpm.checkpoint import read_torch_state
+from ddpm.schedule import NoiseSchedule
+from ddpm.train import train
+
+diffusers = pytest.importorskip("diffusers")
+
+script = load_script("train")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ONE_STEP = ["--max_train_steps", "1"]
+
+
+def run(args):
+    return train(script.parse_args(args))
+
+
+def metrics(output_dir):
+    lines = (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def exported_schedule(output_dir) -> dict:
+    """The exported scheduler's config as diffusers reads it."""
+    return dict(diffusers.DDPMScheduler.from_pretrained(Path(output_dir) / "scheduler").config)
+
+
+def checkpoint_schedule(checkpoint_dir) -> dict:
+    """The schedule a resume of this checkpoint continues with."""
+    return json.loads((Path(checkpoint_dir) / "config.json").read_text())["schedule"]
+
+
+# ---------------------------------------------------------------------------------------------------- clipping
+
+
+def first_moment(checkpoint_dir) -> torch.Tensor:
+    """AdamW's first moment after one step, (1 - beta1) x the (clipped) gradient it stepped with, as one vector."""
+    state = read_torch_state(Path(checkpoint_dir) / "training_state.pt")["optimizer"]["state"]
+    return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def unclipped(make_train_args, tmp_path_factory):
+    """(first moment, gradient norm) of a one-step float32 run whose --max_grad_norm never clips."""
+    output_dir = tmp_path_factory.mktemp("unclipped") / "run"
+    run([*make_train_args(output_dir), *ONE_STEP, "--max_grad_norm", "1e9"])
+    moment = first_moment(output_dir / "checkpoint-1")
+    gradient_norm = (moment / (1 - 0.95)).norm().item()  # --adam_beta1 defaults to 0.95
+    assert metrics(output_dir)[0]["grad_norm"] == pytest.approx(gradient_norm, rel=1e-5)  # the norm before clipping
+    return moment, gradient_norm
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_max_grad_norm_clips_the_unscaled_gradient(tmp_path, make_train_args, unclipped, precision):
+    """The step uses the gradient scaled by max_norm / (norm + 1e-6) (clip_grad_norm_'s rule), computed here from the
+    unclipped run. With fp16 the clip must come after GradScaler.unscale_: clipping the 65536x scaled gradient would
+    leave it 65536x too small (and log a 65536x norm); rounding in fp16 changes it by ~1e-3 only."""
+    moment, gradient_norm = unclipped
+    max_norm = 0.25
+    assert gradient_norm > 4 * max_norm  # the clip is active
+    args = ["--max_grad_norm", str(max_norm), "--mixed_precision", precision]
+    run([*make_train_args(tmp_path / "run"), *ONE_STEP, *args])
+    expected = moment * (max_norm / (gradient_norm + 1e-6))
+    tolerance = 1e-5 if precision == "no" else 0.02
+    assert relative_error(first_moment(tmp_path / "run" / "checkpoint-1"), expected) < tolerance
+    assert metrics(tmp_path / "run")[0]["grad_norm"] == pytest.approx(gradient_norm, rel=tolerance)
+
+
+# ---------------------------------------------------------------------------------------------------- training loss
+
+
+def diffusers_loss(scheduler, model, x0, timesteps, noise) -> torch.Tensor:
+    """train_unconditional's loss (plus v-prediction's MSE to the velocity) with diffusers' noising and targets."""
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    prediction = model(x_t, timesteps).float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return F.mse_loss(prediction, noise.float())
+    if kind == "v_prediction":
+        return F.mse_loss(prediction, scheduler.get_velocity(x0, noise, timesteps).float())
+    alpha_t = scheduler.alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
+    return (alpha_t / (1 - alpha_t) * F.mse_loss(prediction, x0.float(), reduction="none")).mean()
+
+
+@pytest.mark.parametrize(
+    "prediction_type, beta_schedule", [("v_prediction", "scaled_linear"), ("sample", "squaredcos_cap_v2")]
+)
+def test_the_training_loss_follows_prediction_type_and_beta_schedule(
+    tmp_path, make_train_args, monkeypatch, prediction_type, beta_schedule
+):
+    """Each micro-batch's loss equals the one diffusers' DDPMScheduler configured by the flags gives on the same
+    images, timesteps and noise (and the same network, before the step), and the checkpoint and the export carry the
+    flags."""
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=100, beta_schedule=beta_schedule, prediction_type=prediction_type
+    )
+    losses = []
+    original = NoiseSchedule.training_loss
+
+    def recording(self, model, x0, t, noise):
+        loss = original(self, model, x0, t, noise)
+        with torch.no_grad():
+            losses.append((loss.item(), diffusers_loss(scheduler, model, x0, t, noise).item()))
+        return loss
+
+    monkeypatch.setattr(NoiseSchedule, "training_loss", recording)
+    args = ["--prediction_type", prediction_type, "--ddpm_beta_schedule", beta_schedule]
+    run([*make_train_args(tmp_path / "run"), *ONE_STEP, *args])
+    assert len(losses) == 1
+    ours, theirs = losses[0]
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    expected = {"beta_schedule": beta_schedule, "prediction_type": prediction_type}
+    for schedule in (checkpoint_schedule(tmp_path / "run" / "checkpoint-1"), exported_schedule(tmp_path / "run")):
+        assert {k: schedule[k] for k in expected} == expected
+
+
+# ---------------------------------------------------------------------------------------------------- sample grids
+
+
+def grid_tiles(path, n, size, padding=2) -> np.ndarray:
+    """The ``n`` images of a sample grid PNG (near-square rows, ``padding`` px around each), uint8 NHWC."""
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    per_row = math.ceil(math.sqrt(n))
+    tiles = []
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        y, x = padding + r * (size + padding), padding + c * (size + padding)
+        tiles.append(grid[y : y + size, x : x + size])
+    return np.stack(tiles)
+
+
+@pytest.fixture(scope="module")
+def schedule_run(make_train_args, tmp_path_factory):
+    """A one-step run with every schedule flag off its default and DDPM sample grids (no EMA: the grid and the export
+    hold the same weights)."""
+    output_dir = tmp_path_factory.mktemp("schedule") / "run"
+    args = ["--ddpm_variance_type", "fixed_large", "--prediction_type", "v_prediction"]
+    args += ["--ddpm_beta_schedule", "scaled_linear", "--sampler", "ddpm"]
+    run([*make_train_args(output_dir), *ONE_STEP, *args])
+    return output_dir
+
+
+def test_variance_type_reaches_the_export_and_the_grid_sampler(schedule_run):
+    """The grid is the image DDPMPipeline draws from the export (generator seeded 0, --ddpm_num_inference_steps), and
+    the export's scheduler is the flags'; the same pipeline with the default variance gives other images."""
+    expected = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "variance_type": "fixed_large"}
+    for schedule in (checkpoint_schedule(schedule_run / "checkpoint-1"), exported_schedule(schedule_run)):
+        assert {k: schedule[k] for k in expected} == expected
+    grid = grid_tiles(schedule_run / "samples" / "step_000001.png", 4, 8).astype(int)
+    pipeline = diffusers.DDPMPipeline.from_pretrained(schedule_run)
+
+    def pipeline_images(scheduler):
+        pipeline.scheduler = scheduler
+        generator = torch.Generator().manual_seed(0)
+        images = pipeline(batch_size=4, generator=generator, num_inference_steps=4, output_type="np").images
+        return (images * 255).round().astype(int)
+
+    assert np.abs(grid - pipeline_images(pipeline.scheduler)).max() <= 1
+    small = diffusers.DDPMScheduler.from_config(pipeline.scheduler.config, variance_type="fixed_small")
+    assert np.abs(grid - pipeline_images(small)).max() > 8
+
+
+# ---------------------------------------------------------------------------------------------------- pretrained
+
+
+def from_pretrained(args, source):
+    """``args`` training from ``source`` instead of a UNet config."""
+    i = args.index("--model_config_name_or_path")
+    return [*args[:i], *args[i + 2 :], "--pretrained_model_name_or_path", str(source)]
+
+
+def test_a_pretrained_schedule_is_kept_unless_a_flag_changes_it(tmp_path, make_train_args, schedule_run):
+    """Fine-tuning the export of :func:`schedule_run` with default flags keeps its schedule; a flag given a value
+    other than its default overrides that key only."""
+    source = checkpoint_schedule(schedule_run / "checkpoint-1")  # every key of the schedule
+    assert source["variance_type"] != "fixed_small" and source["beta_schedule"] != "linear"
+
+    run([*from_pretrained(make_train_args(tmp_path / "kept"), schedule_run), *ONE_STEP])
+    for schedule in (checkpoint_schedule(tmp_path / "kept" / "checkpoint-1"), exported_schedule(tmp_path / "kept")):
+        assert {k: schedule[k] for k in source} == source
+
+    changed = ["--prediction_type", "sample", "--ddpm_beta_schedule", "squaredcos_cap_v2"]
+    run([*from_pretrained(make_train_args(tmp_path / "changed"), schedule_run), *ONE_STEP, *changed])
+    expected = {**source, "prediction_type": "sample", "beta_schedule": "squaredcos_cap_v2"}
+    for schedule in (
+        checkpoint_schedule(tmp_path / "changed" / "checkpoint-1"),
+        exported_schedule(tmp_path / "changed"),
+    ):
+        assert {k: schedule[k] for k in expected} == expected
