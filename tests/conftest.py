@@ -1,13 +1,18 @@
-"""Shared fixtures: offline Hub access, a tiny image folder, a tiny UNet config, a tiny training command line, a
-randomly initialised FID Inception network (and its weights file)."""
+"""Shared fixtures: offline Hub access, a fake Hub client, a tiny image folder, a tiny UNet config, a tiny training
+command line, a randomly initialised FID Inception network (and its weights file)."""
 
+import inspect
 import json
 import os
+from pathlib import Path
 
 # Before anything imports datasets / huggingface_hub, which read these once: tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# numpy's OpenBLAS, read once when numpy loads: on the 2 shared cores a second BLAS thread makes the 2048x2048
+# eigendecompositions of every FID ~5x slower (helpers.subprocess_env's OMP_NUM_THREADS does this for subprocesses).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -136,3 +141,72 @@ def small_inputs(monkeypatch):
     from ddpm.inception import FIDInceptionV3
 
     monkeypatch.setattr(FIDInceptionV3, "input_size", 75)
+
+
+class FakeHub:
+    """What the code under test sent through ``huggingface_hub.HfApi`` (see :func:`fake_hub`)."""
+
+    def __init__(self) -> None:
+        self.clients: list = []  # one per ``HfApi(...)``; each has the ``token`` it was given
+        self.calls: list[tuple[str, dict]] = []  # (method, every argument by name, defaults included)
+        self.uploads: list[set[str]] = []  # per ``upload_folder`` call: the files the real client would send
+        self.fail_with: Exception | None = None  # raised by ``upload_folder`` (a network or permission failure)
+
+    @property
+    def tokens(self) -> list:
+        return [client.token for client in self.clients]
+
+    def calls_to(self, method: str) -> list[dict]:
+        return [arguments for name, arguments in self.calls if name == method]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``huggingface_hub.HfApi`` replaced by a recorder (the one Hub fake of the suite), online and without a token.
+
+    The code under test decides nothing here: each call is bound to the real ``HfApi`` method's signature (a wrong
+    argument fails as it would against the Hub), and ``upload_folder`` lists the files the real client would send,
+    with huggingface_hub's own ``filter_repo_objects`` applied to the patterns actually passed plus the client's
+    ``DEFAULT_IGNORE_PATTERNS`` (``HfApi.upload_folder`` does the same): no ``allow_patterns`` uploads everything.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    real = huggingface_hub.HfApi
+    hub = FakeHub()
+
+    def bind(method: str, client, args: tuple, kwargs: dict) -> dict:
+        bound = inspect.signature(getattr(real, method)).bind(client, *args, **kwargs)
+        bound.apply_defaults()
+        return {name: value for name, value in bound.arguments.items() if name != "self"}
+
+    class FakeHfApi:
+        def __init__(self, *args, **kwargs) -> None:
+            self.token = bind("__init__", self, args, kwargs)["token"]
+            hub.clients.append(self)
+
+        def create_repo(self, *args, **kwargs) -> str:
+            arguments = bind("create_repo", self, args, kwargs)
+            hub.calls.append(("create_repo", arguments))
+            return f"https://huggingface.co/{arguments['repo_id']}"
+
+        def upload_folder(self, *args, **kwargs) -> str:
+            arguments = bind("upload_folder", self, args, kwargs)
+            hub.calls.append(("upload_folder", arguments))
+            if hub.fail_with is not None:
+                raise hub.fail_with
+            folder = Path(arguments["folder_path"]).expanduser().resolve()
+            files = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+            ignore = arguments["ignore_patterns"] or []
+            ignore = [ignore] if isinstance(ignore, str) else list(ignore)
+            ignore += DEFAULT_IGNORE_PATTERNS
+            hub.uploads.append(
+                set(filter_repo_objects(files, allow_patterns=arguments["allow_patterns"], ignore_patterns=ignore))
+            )
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return hub

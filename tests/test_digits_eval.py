@@ -124,12 +124,22 @@ def test_training_is_deterministic_and_cached(classifier, cache_dir, monkeypatch
     monkeypatch.setattr(digits_eval, "_classifiers", {})  # forget the in-process copy: load the file
     loaded = load_classifier(cache_dir)
     assert loaded is not classifier
-    again = train_classifier()
+    # Trained again under another thread count and global RNG state: the weights must not depend on either, and the
+    # training (one thread, its own seed) must hand both back as it found them.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        torch.manual_seed(12345)
+        rng_state = torch.get_rng_state()
+        again = train_classifier()
+        assert torch.get_num_threads() == threads + 1
+        assert torch.equal(torch.get_rng_state(), rng_state)
+    finally:
+        torch.set_num_threads(threads)
     for (name, a), b, c in zip(
         classifier.state_dict().items(), loaded.state_dict().values(), again.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b) and torch.equal(a, c), name
-    assert torch.get_num_threads() >= 1  # the one-thread training restored the thread count
 
 
 def test_a_corrupt_cache_file_is_named(cache_dir, tmp_path, monkeypatch):
@@ -159,8 +169,8 @@ def test_cli_real_floor(cache_dir, capsys):
     assert "class entropy" in capsys.readouterr().out
 
 
-def test_cli_rejects_bad_arguments(tmp_path):
+def test_cli_rejects_bad_arguments(cache_dir, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["--samples", "x", "--real_floor"])
-    with pytest.raises(SystemExit, match="no image files"):
-        cli.main(["--samples", str(tmp_path), "--cache_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no image files"):  # the module's cache: no second training of the classifier
+        cli.main(["--samples", str(tmp_path), "--cache_dir", str(cache_dir)])

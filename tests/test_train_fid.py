@@ -28,6 +28,9 @@ from ddpm.unet import UNet
 ROOT = Path(__file__).resolve().parents[1]
 script = load_script("train")
 
+# One intra-op thread: tiny UNets and the Inception network on 2 shared cores (more threads only add hand-offs).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FID_ARGS = ["--fid_every_steps", "2", "--fid_num_samples", "6", "--fid_inference_steps", "3", "--fid_batch_size", "4"]
 
 

@@ -6,11 +6,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import assert_same_tensors, subprocess_env, wait_for_metrics
 
 from ddpm.checkpoint import list_checkpoints, read_safetensors
 
@@ -18,28 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_training(args: list[str]) -> subprocess.Popen:
-    """scripts/train.py in a new process (and process group, as a terminal's foreground job)."""
+    """scripts/train.py in a new process (and process group, as a terminal's foreground job), on one thread: two
+    of them run at once on the two shared cores."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
         cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
-
-
-def wait_for_metrics(path: Path, lines: int, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and len(path.read_text().splitlines()) >= lines:
-            return
-        if process.poll() is not None:
-            pytest.fail(f"training exited early with {process.returncode}: {process.communicate()[1][-3000:]}")
-        time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"no {lines} metric lines in {path} after {timeout} s")
 
 
 @pytest.mark.parametrize(
@@ -55,7 +43,7 @@ def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, make_train_arg
     out = tmp_path / "stopped"
     args = [*make_train_args(out), *common, "--max_train_steps", "100000", "--dataloader_num_workers", str(workers)]
     process = start_training(args)
-    wait_for_metrics(out / "logs" / "metrics.jsonl", 3, process)
+    wait_for_metrics(out, 3, [process])
     # Ctrl-C signals the whole foreground group: the DataLoader workers too, which must not die of it.
     os.killpg(process.pid, signum)
     _, stderr = process.communicate(timeout=120)
@@ -79,9 +67,10 @@ def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, make_train_arg
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr[-3000:]
     for name in ("model.safetensors", "ema.safetensors"):
-        a = read_safetensors(out / f"checkpoint-{total}" / name)
-        b = read_safetensors(straight / f"checkpoint-{total}" / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert_same_tensors(
+            read_safetensors(out / f"checkpoint-{total}" / name),
+            read_safetensors(straight / f"checkpoint-{total}" / name),
+        )
     steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
 
