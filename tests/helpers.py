@@ -2,6 +2,7 @@
 subprocesses and waiting for them, weight comparisons, and a minimal training checkpoint on disk."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a test's subprocesses: one thread each (the two CI cores are shared by all the processes
     of a test) and no network."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    """The records of ``output_dir/logs/metrics.jsonl``, one per logged step or evaluation, in order."""
+    lines = (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def wait_for_metrics(

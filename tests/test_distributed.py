@@ -4,7 +4,6 @@ This file is also the worker torchrun starts (see ``__main__`` below): it trains
 weights to ``--worker-out``, which only rank 0's checkpoints would not show.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_same_tensors, load_script, subprocess_env, wait_for_metrics
+from helpers import assert_same_tensors, load_script, read_metrics, subprocess_env, wait_for_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,8 +118,7 @@ def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, rand
     train(load_script("train").parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "4"]))
 
     def fid(run: str) -> list[dict]:
-        lines = (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()
-        return [record for record in map(json.loads, lines) if "fid" in record]
+        return [record for record in read_metrics(tmp_path / run) if "fid" in record]
 
     (ddp,), (single,) = fid("ddp"), fid("single")
     assert ddp["step"] == single["step"] == 2 and ddp["fid_num_samples"] == single["fid_num_samples"] == 5

@@ -96,7 +96,8 @@ def image_sets() -> dict[str, np.ndarray]:
 
 
 def test_frechet_distance_matches_scipy_sqrtm_formula():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
+    import scipy.linalg as scipy_linalg
+
     rng = np.random.default_rng(1)
     dim = 24
     mu1, mu2 = rng.standard_normal(dim), rng.standard_normal(dim)
@@ -180,7 +181,8 @@ def test_feature_stats_round_trip(tmp_path):
 def test_network_layout_is_pytorch_fid_layout():
     # pytorch-fid's fid_inception_v3() is torchvision's Inception3(num_classes=1008, aux_logits=False) with
     # patched blocks of unchanged shapes, so its weight file loads strictly into our network iff this holds.
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     reference = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     ours = FIDInceptionV3()
@@ -324,7 +326,6 @@ def test_real_weights_match_the_torchscript_extractor_through_the_resize(real_mo
 
 
 def test_real_weights_rank_digits_closer_to_digits_than_to_noise(real_model):
-    datasets = pytest.importorskip("datasets")  # noqa: F841  (builtin:digits is a datasets.Dataset)
     train = load_source("builtin:digits")
     test = load_source("builtin:digits:test")
     take = 10

@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET
-from helpers import assert_same_tensors, load_script, optimizer_tensors, subprocess_env, wait_for_metrics
+from helpers import assert_same_tensors, load_script, optimizer_tensors, read_metrics, subprocess_env, wait_for_metrics
 from PIL import Image
 
 import ddpm.checkpoint as checkpoint_module
@@ -77,10 +77,6 @@ script = load_script("train")
 
 def run(args):
     return train(script.parse_args(args))
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
 def start(command, **env):
@@ -141,7 +137,7 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     # 4 steps of 4 images = one epoch: every image is drawn once, the bad one is replaced once.
     lenient = run([*make_train_args(tmp_path / "lenient"), "--train_data_dir", str(folder), "--skip_corrupt_images"])
     assert lenient.global_step == 4
-    assert [m["corrupt_images_skipped"] for m in metrics(tmp_path / "lenient")][-1] == 1
+    assert [m["corrupt_images_skipped"] for m in read_metrics(tmp_path / "lenient")][-1] == 1
 
 
 POSITIVE_INTEGERS = [
@@ -238,7 +234,7 @@ def test_latest_skips_incomplete_checkpoints_and_clears_the_remains_of_a_crash(
     assert "checkpoint-6 (it lacks training_state.pt)" in caplog.text
     assert f"resumed from {out / 'checkpoint-4'} at optimizer step 4" in caplog.text
     assert not interrupted.exists() and "remains of an interrupted checkpoint save" in caplog.text
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
 
 
 def test_resuming_another_architecture_lists_the_differing_keys(trained, tmp_path, make_train_args):
@@ -353,7 +349,7 @@ def test_fp16_overflow_steps_skipped_by_the_grad_scaler_are_counted(tmp_path, ti
 
     monkeypatch.setattr(train_module.NoiseSchedule, "training_loss", overflowing)
     run([*tiny_train_args, "--mixed_precision", "fp16", "--max_train_steps", "6", "--max_nonfinite_steps", "3"])
-    records = metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert [m["skipped_steps"] for m in records] == [0, 0, 1, 2, 2, 2]
     assert [m["loss_scale"] for m in records] == [2.0**16, 2.0**16, 2.0**15, 2.0**14, 2.0**14, 2.0**14]
     two, four = (read_safetensors(tmp_path / "run" / f"checkpoint-{s}" / "model.safetensors") for s in (2, 4))

@@ -166,7 +166,8 @@ def test_resuming_with_other_settings_is_refused_and_more_images_extend_the_set(
 
 
 def test_diffusers_pipeline_folder_gives_the_pipelines_images(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     torch.manual_seed(1)
     pipeline = diffusers.DDPMPipeline(
         unet=diffusers.UNet2DModel(**TINY), scheduler=diffusers.DDPMScheduler(num_train_timesteps=100)

@@ -110,8 +110,9 @@ def tiny_pair():
 
 
 def _pipeline_images(pipeline, steps, **kwargs):
-    out = pipeline(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=steps,
-                   output_type="np", **kwargs)
+    out = pipeline(
+        batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=steps, output_type="np", **kwargs
+    )
     return out.images
 
 
@@ -152,8 +153,14 @@ def test_ddim_sampler_reproduces_ddim_pipeline(tiny_pair, eta, prediction_type):
     scheduler = diffusers.DDIMScheduler.from_config(config)
     expected = _pipeline_images(diffusers.DDIMPipeline(unet=reference, scheduler=scheduler), 20, eta=eta)
     schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(config)))
-    images = ddim_sample(_DiffusersModel(reference), schedule, 2, num_inference_steps=20, eta=eta,
-                         generator=torch.Generator().manual_seed(3))
+    images = ddim_sample(
+        _DiffusersModel(reference),
+        schedule,
+        2,
+        num_inference_steps=20,
+        eta=eta,
+        generator=torch.Generator().manual_seed(3),
+    )
     got = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(got - expected).max() <= 1e-5
 
@@ -169,8 +176,14 @@ def test_ddim_sampler_reproduces_ddim_pipeline_for_every_prediction_and_spacing(
     scheduler = diffusers.DDIMScheduler.from_config(config)
     expected = _pipeline_images(diffusers.DDIMPipeline(unet=reference, scheduler=scheduler), 6, eta=0.5)
     schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(config)))
-    images = ddim_sample(_DiffusersModel(reference), schedule, 2, num_inference_steps=6, eta=0.5,
-                         generator=torch.Generator().manual_seed(3))
+    images = ddim_sample(
+        _DiffusersModel(reference),
+        schedule,
+        2,
+        num_inference_steps=6,
+        eta=0.5,
+        generator=torch.Generator().manual_seed(3),
+    )
     got = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(got - expected).max() <= 1e-5
 

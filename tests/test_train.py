@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_UNET
-from helpers import load_script
+from helpers import assert_same_tensors, load_script, read_metrics
 
 import ddpm.train as train_module
 from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
@@ -37,27 +37,6 @@ GUIDE_SCRIPT_ARGS = {
 
 def run(args):
     return train(script.parse_args(args))
-
-
-def metrics(output_dir):
-    lines = (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def assert_same_tensors(a, b, exact=True):
-    """Bit-equal, or (``exact=False``) equal within float tolerance.
-
-    Within tolerance, attention key biases are left out: softmax ignores a shift of every logit of a query, so their
-    true gradient is zero and AdamW turns the rounding noise of a differently summed batch into full-size steps.
-    Other weights with near-zero gradients get a milder form of the same (AdamW divides by sqrt(v) + eps): up to
-    1.5e-6 after 4 steps with one CPU thread, hence atol 5e-6.
-    """
-    assert a.keys() == b.keys()
-    for key in a:
-        if exact:
-            assert torch.equal(a[key], b[key]), key
-        elif not key.endswith("to_k.bias"):
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=5e-6, msg=key)
 
 
 def optimizer_tensors(checkpoint_dir):
@@ -98,7 +77,8 @@ def test_guide_commands_run_shortened(name, tmp_path, make_train_args, caplog):
 
 
 def test_exported_pipeline_loads_in_diffusers_with_the_ema_weights(tmp_path, tiny_train_args):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     result = run([*tiny_train_args, "--use_ema", "--max_train_steps", "2"])
     pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "run")
     theirs = pipeline.unet.state_dict()
@@ -141,9 +121,9 @@ def test_accumulation_of_half_batches_equals_one_full_batch(tmp_path, make_train
         two = read_safetensors(tmp_path / "accum" / name / "model.safetensors")
         assert_same_tensors(one, two, exact=False)
     # warm-up and schedule length are counted in optimizer steps, whatever the accumulation
-    assert [m["lr"] for m in metrics(tmp_path / "full")] == [m["lr"] for m in metrics(tmp_path / "accum")]
-    loss_full = [m["loss"] for m in metrics(tmp_path / "full")]
-    assert loss_full == pytest.approx([m["loss"] for m in metrics(tmp_path / "accum")], rel=1e-5)
+    assert [m["lr"] for m in read_metrics(tmp_path / "full")] == [m["lr"] for m in read_metrics(tmp_path / "accum")]
+    loss_full = [m["loss"] for m in read_metrics(tmp_path / "full")]
+    assert loss_full == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "accum")], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +168,7 @@ def test_resume_is_bit_exact(tmp_path, make_train_args, dropout_unet_json, use_e
     pipeline_a = tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"
     pipeline_b = tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"
     assert_same_tensors(read_safetensors(pipeline_a), read_safetensors(pipeline_b))
-    assert untimed(metrics(tmp_path / "straight"))[2:] == untimed(metrics(tmp_path / "resumed"))
+    assert untimed(read_metrics(tmp_path / "straight"))[2:] == untimed(read_metrics(tmp_path / "resumed"))
 
 
 def untimed(records):
@@ -217,7 +197,7 @@ def test_resume_with_another_global_batch_continues_from_the_samples_seen(tmp_pa
         )
     assert "global batch changed from 4 to 2: resuming after 8 samples seen, at optimizer step 4" in caplog.text
     assert result.global_step == 6
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 5, 6]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 5, 6]
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +205,7 @@ def fp32_losses(make_train_args, tmp_path_factory):
     """The losses of the 2-step float32 run that the mixed-precision runs shadow."""
     output_dir = tmp_path_factory.mktemp("fp32") / "run"
     run([*make_train_args(output_dir), "--max_train_steps", "2"])
-    return [m["loss"] for m in metrics(output_dir)]
+    return [m["loss"] for m in read_metrics(output_dir)]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -234,7 +214,7 @@ def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(
 ):
     result = run([*tiny_train_args, "--mixed_precision", precision, "--max_train_steps", "2"])
     assert all(p.dtype == torch.float32 for p in result.unet.parameters())  # master weights stay fp32
-    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
     # The network really ran in reduced precision (an ignored flag gives float32's losses bit for bit), and only
     # rounding changed: the same batches and noise, losses ~1.1 within 1e-2 (measured: 5e-4 bf16, 1e-4 fp16).
     assert all(a != b for a, b in zip(losses, fp32_losses, strict=True)), (losses, fp32_losses)
@@ -260,7 +240,7 @@ def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(
     )
     resumed = read_torch_state(tmp_path / "run" / "checkpoint-3" / "training_state.pt")["grad_scaler"]
     assert resumed["scale"] == 1024.0 and resumed["_growth_tracker"] == state["grad_scaler"]["_growth_tracker"] + 1
-    assert metrics(tmp_path / "run")[-1]["loss_scale"] == 1024.0
+    assert read_metrics(tmp_path / "run")[-1]["loss_scale"] == 1024.0
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
@@ -276,7 +256,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tra
     args = [*tiny_train_args, "--max_train_steps", "10", "--max_nonfinite_steps", "3"]
     with pytest.raises(TrainingDiverged, match="last 3 optimizer steps .up to step 5. had non-finite gradients"):
         run(args)
-    records = metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert [m["skipped_steps"] for m in records] == [0, 0, 1, 2, 3]
     checkpoint = load_training_checkpoint(tmp_path / "run" / "checkpoint-4")
     before = read_safetensors(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
@@ -310,7 +290,7 @@ def test_a_previous_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_
         run(tiny_train_args)
     run([*tiny_train_args, "--max_train_steps", "2", "--overwrite_output_dir"])
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only what a run writes is removed
 
 
@@ -323,7 +303,7 @@ def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, tiny_train_ar
 
 def test_metrics_log_and_sample_grids(tmp_path, tiny_train_args):
     run([*tiny_train_args, "--use_ema", "--logging_steps", "2", "--max_train_steps", "8", "--save_images_epochs", "1"])
-    records = metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert [m["step"] for m in records] == [2, 4, 6, 8]
     for key in ("loss", "lr", "grad_norm", "img_s", "sec_per_step", "ema_decay", "skipped_steps", "epoch"):
         assert all(key in m for m in records), key
@@ -359,34 +339,18 @@ def test_gradient_checkpointing_and_channels_last_keep_the_maths(tmp_path, make_
     assert_same_tensors(base.unet.state_dict(), other.unet.state_dict(), exact=False)
 
 
-def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp_path, tiny_train_args, monkeypatch):
-    import huggingface_hub
-
-    from ddpm import hub
-
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            calls.append(("create", repo_id, private, self.token))
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns, ignore_patterns):
-            calls.append(("upload", repo_id, commit_message, hub.files_to_upload(folder_path, allow_patterns)))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp_path, tiny_train_args, fake_hub):
     token = "hf_TrainTestToken0123456789"
     args = ["--push_to_hub", "--hub_private_repo", "--hub_model_id", "me/tiny-ddpm", "--hub_token", token]
     run([*tiny_train_args, *args, "--max_train_steps", "2"])
-    assert calls[0] == ("create", "me/tiny-ddpm", True, token)
-    uploads = [c for c in calls if c[0] == "upload"]
-    assert [c[1:3] for c in uploads] == [("me/tiny-ddpm", "Step 2 (epoch 0)")]
-    assert "unet/diffusion_pytorch_model.safetensors" in uploads[0][3]
-    assert not [f for f in uploads[0][3] if f.startswith(("checkpoint-", "logs/"))]
+    assert fake_hub.calls[0][0] == "create_repo"  # at the start: a bad repo id or token fails before training
+    assert {(c["repo_id"], c["private"]) for c in fake_hub.calls_to("create_repo")} == {("me/tiny-ddpm", True)}
+    (upload,) = fake_hub.calls_to("upload_folder")
+    assert (upload["repo_id"], upload["commit_message"]) == ("me/tiny-ddpm", "Step 2 (epoch 0)")
+    assert fake_hub.tokens and all(t == token for t in fake_hub.tokens)
+    (uploaded,) = fake_hub.uploads
+    assert "unet/diffusion_pytorch_model.safetensors" in uploaded
+    assert not [f for f in uploaded if f.startswith(("checkpoint-", "logs/", "samples/"))]
     for path in (tmp_path / "run").rglob("*"):
         assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
@@ -398,7 +362,7 @@ def test_a_missing_tracker_is_skipped_with_a_warning(tmp_path, tiny_train_args, 
         result = run([*tiny_train_args, "--logger", tracker, "--max_train_steps", "1"])
     assert result.global_step == 1
     assert f"--logger {tracker}: the {tracker} package is not installed; skipping it" in caplog.text
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]  # metrics.jsonl is written all the same
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]  # metrics.jsonl is written all the same
 
 
 @pytest.mark.skipif(not WANDB_INSTALLED, reason="wandb is not installed (its absence is tested above)")
@@ -423,7 +387,7 @@ def test_wandb_receives_the_metrics_and_the_sample_grids(tmp_path, tiny_train_ar
 
     monkeypatch.setattr(wandb, "init", init)
     run([*tiny_train_args, "--logger", "wandb", "--max_train_steps", "2", "--use_ema"])
-    records = metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     scalars = [(step, data) for step, data in logged if "train/loss" in data]
     assert [step for step, _ in scalars] == [1, 2]
     assert [data["train/loss"] for _, data in scalars] == [m["loss"] for m in records]

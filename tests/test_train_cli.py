@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_tensors, load_script, subprocess_env
+from helpers import assert_same_tensors, load_script, read_metrics, subprocess_env
 from PIL import Image
 
 from ddpm.checkpoint import load_training_checkpoint
@@ -270,14 +270,15 @@ def test_quickstart_recipe_trains_the_digits_model(monkeypatch, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
 
-    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert records[-1]["step"] == 2 and math.isfinite(records[-1]["loss"])
     with Image.open(out / "samples" / "step_000002.png") as grid:  # 4 one-channel 16x16 samples, 2 per row
         assert grid.mode == "L" and grid.size == (2 * (16 + 2) + 2,) * 2  # torchvision's make_grid layout
     checkpoint = load_training_checkpoint(out / "checkpoint-2")
     assert checkpoint.step == 2 and checkpoint.ema_state is not None
 
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     pipeline = diffusers.DDPMPipeline.from_pretrained(out)
     model_json = json.loads((ROOT / config.model_config_name_or_path).read_text())
     assert {k: pipeline.unet.config[k] for k in model_json} == model_json

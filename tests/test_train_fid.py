@@ -5,13 +5,12 @@ A randomly initialised Inception network of the real architecture stands in for 
 (see test_metrics.py): the figures are meaningless, the code paths are the real ones.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_script, read_metrics
 from PIL import Image
 
 from ddpm.data import ImageTransform
@@ -35,8 +34,7 @@ FID_ARGS = ["--fid_every_steps", "2", "--fid_num_samples", "6", "--fid_inference
 
 
 def fid_records(output_dir: Path) -> list[dict]:
-    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if "fid" in record]
+    return [record for record in read_metrics(output_dir) if "fid" in record]
 
 
 def test_logged_fid_equals_an_independent_computation(

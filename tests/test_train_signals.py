@@ -1,6 +1,5 @@
 """SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0; the checkpoint resumes exactly; a 2nd signal kills."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_tensors, subprocess_env, wait_for_metrics
+from helpers import assert_same_tensors, read_metrics, subprocess_env, wait_for_metrics
 
 from ddpm.checkpoint import list_checkpoints, read_safetensors
 
@@ -71,7 +70,7 @@ def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, make_train_arg
             read_safetensors(out / f"checkpoint-{total}" / name),
             read_safetensors(straight / f"checkpoint-{total}" / name),
         )
-    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(out)]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
 
 
