@@ -61,9 +61,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm.sampling import ddim_sample, ddpm_sample
-from ddpm.schedule import NoiseSchedule
-from ddpm.unet import UNet, UNetConfig
+from ddpm.diffusion.samplers import ddim_sample, ddpm_sample
+from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.models.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "models"

@@ -7,16 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from ddpm.checkpoint import (
-    CONFIG_NAME,
-    EMA_NAME,
-    FORMAT,
-    MODEL_NAME,
-    VERSION,
-    atomic_write_dir,
-    write_json,
-    write_safetensors,
-)
+from ddpm.io.checkpoint import CONFIG_NAME, EMA_NAME, FORMAT, MODEL_NAME, VERSION
+from ddpm.io.files import atomic_write_dir, write_json, write_safetensors
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

@@ -12,16 +12,10 @@ from helpers import load_script, write_model_checkpoint
 from safetensors import safe_open
 from unet_configs import CONFIG_DIR, TINY
 
-import ddpm.export as export_module
+import ddpm.io.export as export_module
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
-from ddpm.export import (
-    DIFFUSERS_VERSION,
-    export_pipeline,
-    make_model_card,
-    scrub_tokens,
-    validate_state_dict,
-)
-from ddpm.pretrained import load_model
+from ddpm.io.export import DIFFUSERS_VERSION, export_pipeline, make_model_card, scrub_tokens, validate_state_dict
+from ddpm.io.pretrained import load_model
 
 diffusers = pytest.importorskip("diffusers")
 huggingface_hub = pytest.importorskip("huggingface_hub")

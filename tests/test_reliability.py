@@ -51,12 +51,13 @@ from conftest import TINY_UNET
 from helpers import load_script, subprocess_env
 from PIL import Image
 
-import ddpm.checkpoint as checkpoint_module
-import ddpm.train as train_module
-from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
-from ddpm.data import CorruptImageError
-from ddpm.train import CheckpointSaveError, train
-from ddpm.train_config import TrainConfig
+import ddpm.io.checkpoint as checkpoint_module
+import ddpm.training.loop as train_module
+from ddpm.data.datasets import CorruptImageError
+from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
+from ddpm.io.files import read_safetensors, read_torch_state
+from ddpm.training.config import TrainConfig
+from ddpm.training.loop import CheckpointSaveError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.
@@ -469,7 +470,7 @@ def test_the_hub_token_never_reaches_logs_configs_cards_metrics_or_checkpoints(
     configs, TensorBoard events, metrics, the exported model card) nor in its console output and logs."""
     import huggingface_hub
 
-    from ddpm import hub
+    from ddpm.io import hub
 
     token = "FakeToken-reliability-5f0c2d7e9a"  # not hf_-shaped: only the --hub_token rule can scrub it
 

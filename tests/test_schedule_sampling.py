@@ -6,7 +6,7 @@ import torch
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddim_sample, ddpm_sample, inference_timesteps
-from ddpm.sampling import save_grid, to_uint8
+from ddpm.io.images import save_grid, to_uint8
 
 diffusers = pytest.importorskip("diffusers")
 

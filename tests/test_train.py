@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import load_script
 
-import ddpm.train as train_module
-from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
-from ddpm.train import TrainingDiverged, train
+import ddpm.training.loop as train_module
+from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
+from ddpm.io.files import read_safetensors, read_torch_state
+from ddpm.training.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 script = load_script("train")
@@ -299,7 +300,7 @@ def test_gradient_checkpointing_and_channels_last_keep_the_maths(tmp_path, make_
 def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp_path, tiny_train_args, monkeypatch):
     import huggingface_hub
 
-    from ddpm import hub
+    from ddpm.io import hub
 
     calls = []
 

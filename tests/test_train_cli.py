@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
-from ddpm.train_config import DEFAULT_UNET, TrainConfig, load_config_file
+from ddpm.training.config import DEFAULT_UNET, TrainConfig, load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def test_to_dict_never_contains_the_hub_token():
 
 
 def test_recorded_command_line_scrubs_the_token():
-    from ddpm.train import command_line
+    from ddpm.training.loop import command_line
 
     line = command_line(["--dataset_name", "x", "--hub_token", "hf_abcdefghijkl"])
     assert "hf_abcdefghijkl" not in line and "scripts/train.py --dataset_name x" in line

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from ddpm.lr_schedule import LR_SCHEDULERS, build_lr_scheduler, lr_multiplier
+from ddpm.training.lr_schedule import LR_SCHEDULERS, build_lr_scheduler, lr_multiplier
 
 optimization = pytest.importorskip("diffusers.optimization")
 

@@ -17,9 +17,9 @@ diffusers does not consult it for these classes.
 Atomicity: all files are first written into a hidden staging folder inside ``output_dir`` (so a failure while
 writing, e.g. a full disk, leaves any previous export complete and untouched). They are then committed:
 ``model_index.json`` is removed first, ``scheduler/`` then ``unet/`` are each swapped in with one folder rename
-(:func:`ddpm.checkpoint.atomic_write_dir`), the card and grid are renamed in, and ``model_index.json`` is renamed in
+(:func:`ddpm.io.files.atomic_write_dir`), the card and grid are renamed in, and ``model_index.json`` is renamed in
 last. A crash during the commit therefore leaves a folder without ``model_index.json``, which neither diffusers nor
-:func:`ddpm.pretrained.load_model` takes for a pipeline.
+:func:`ddpm.io.pretrained.load_model` takes for a pipeline.
 """
 
 from __future__ import annotations
@@ -34,17 +34,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
-    EMA_NAME,
-    atomic_write_dir,
-    is_checkpoint,
-    list_checkpoints,
-    load_checkpoint_model,
-    write_json,
-    write_safetensors,
-)
-from .schedule import ScheduleConfig
-from .unet import UNet, UNetConfig
+from ..diffusion.schedule import ScheduleConfig
+from ..models.unet import UNet, UNetConfig
+from .checkpoint import EMA_NAME, is_checkpoint, list_checkpoints, load_checkpoint_model
+from .files import atomic_write_dir, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import read_json, write_json
-from .sampling import ddim_sample, ddpm_sample, save_grid, to_uint8
-from .schedule import NoiseSchedule
+from ..diffusion.samplers import ddim_sample, ddpm_sample
+from ..diffusion.schedule import NoiseSchedule
+from ..io.files import read_json, write_json
+from ..io.images import save_grid, to_uint8
 
 SAMPLERS = ("ddpm", "ddim")
 IMAGES_FOLDER = "images"

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_json
-from .distributed import resolve_device
+from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, ScheduleConfig
+from ..io.files import read_json
+from ..models.unet import UNetConfig
+from ..runtime.distributed import resolve_device
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
-from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, ScheduleConfig
-from .unet import UNetConfig
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
 DEFAULT_UNET = {
@@ -414,7 +414,7 @@ def _download_model_config(repo_id: str, cache_dir: str | None) -> Path:
 
 def resize_unet(values: dict[str, Any], resolution: int, source: str) -> UNetConfig:
     """The UNet config ``values`` at ``sample_size=resolution``, checked for training (1 or 3 channels in and out)."""
-    from .pretrained import unet_config_from_diffusers
+    from ..io.pretrained import unet_config_from_diffusers
 
     # A placeholder size every architecture divides, so that the --resolution check below can name the flag.
     unet = unet_config_from_diffusers({**values, "sample_size": 2**16}, source)

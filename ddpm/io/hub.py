@@ -1,7 +1,7 @@
 """Push an exported pipeline to the Hugging Face Hub.
 
 ``create_repo(..., exist_ok=True)`` then ``upload_folder`` of the pipeline files only
-(:data:`ddpm.export.PIPELINE_PATTERNS`: never ``checkpoint-*``, logs or optimizer state unless other patterns are
+(:data:`ddpm.io.export.PIPELINE_PATTERNS`: never ``checkpoint-*``, logs or optimizer state unless other patterns are
 asked for). All network calls go through ``huggingface_hub.HfApi``, looked up at call time so tests can replace it.
 
 The token comes from :func:`resolve_token`; it is handed to ``HfApi`` and nowhere else: never logged, never written

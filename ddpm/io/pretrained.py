@@ -11,7 +11,7 @@
 3. a run folder without an export yet: its latest ``checkpoint-N``;
 4. a folder with ``unet/config.json`` but neither ``model_index.json`` nor ``scheduler/`` (a train_unconditional
    ``checkpoint-N`` saved by accelerate): ``unet_ema/`` when ``use_ema`` and present, else ``unet/``. With
-   ``scheduler/`` it is an interrupted export (see :mod:`ddpm.export`) and refused;
+   ``scheduler/`` it is an interrupted export (see :mod:`ddpm.io.export`) and refused;
 5. a bare ``UNet2DModel`` folder (``config.json`` + weights; ``scheduler_config.json`` beside it if present);
 6. otherwise a Hub id ``owner/name``, fetched with ``huggingface_hub.snapshot_download`` (only the files needed,
    honouring ``cache_dir``, the HF cache and ``HF_HUB_OFFLINE``).
@@ -50,14 +50,9 @@ import huggingface_hub
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError
 
-from .checkpoint import (
-    is_checkpoint,
-    list_checkpoints,
-    load_checkpoint_model,
-    read_json,
-    read_safetensors,
-    read_torch_state,
-)
+from ..diffusion.schedule import ScheduleConfig
+from ..models.unet import UNetConfig
+from .checkpoint import is_checkpoint, list_checkpoints, load_checkpoint_model
 from .export import (
     MODEL_INDEX_NAME,
     SCHEDULER_CONFIG_NAME,
@@ -67,8 +62,7 @@ from .export import (
     WEIGHTS_STEM,
     validate_state_dict,
 )
-from .schedule import ScheduleConfig
-from .unet import UNetConfig
+from .files import read_json, read_safetensors, read_torch_state
 
 logger = logging.getLogger(__name__)
 
