@@ -9,7 +9,8 @@
 folder or a Hub id. Writes ``OUTPUT_DIR/images/000000.png ...``, ``OUTPUT_DIR/grid.png`` (first 64 images) and with
 --save_npz ``OUTPUT_DIR/samples.npz`` (uint8 [N, H, W, C] under ``images``). Rerunning the same command skips the
 images already written, so a killed run continues; the same --seed gives the same images whatever --batch_size and
-the number of processes (up to the network's float rounding, see ``ddpm.evaluation.generate``). Under ``torchrun`` the images
+the number of processes (up to the network's float rounding, see ``ddpm.evaluation.generate``). Under ``torchrun``
+the images
 are split across the ranks (a shared --output_dir is needed on several nodes).
 """
 

@@ -1,8 +1,10 @@
-"""scripts/sample.py and ddpm.evaluation.generate: files written, per-image seeding, resuming, torchrun, diffusers folders.
+"""scripts/sample.py and ddpm.evaluation.generate:
+files written, per-image seeding, resuming, torchrun, diffusers folders.
 
 The test model is a training checkpoint holding a random UNet as its live weights and, as its EMA weights, the same
 UNet with a zeroed output layer. A network's batched kernels may round differently for different batch sizes (see
-``ddpm.evaluation.generate``); the zero-output network predicts exactly 0 whatever the batch, so its images depend only on the
+``ddpm.evaluation.generate``);
+the zero-output network predicts exactly 0 whatever the batch, so its images depend only on the
 per-image noise streams and must agree bit for bit whatever the batch size. The random network checks the rest:
 bit-exact where the batch shapes are the same, within a rounding level otherwise.
 """

@@ -100,7 +100,8 @@ class DigitClassifier(nn.Module):
 def real_digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """The built-in digits of ``split`` as the training pipeline sees them: uint8 [N, 16, 16, 1] and labels [N].
 
-    The images go through :class:`ddpm.data.transforms.ImageTransform` (``resolution=16``, one channel, centre crop) and back
+    The images go through :class:`~ddpm.data.transforms.ImageTransform`
+    (``resolution=16``, one channel, centre crop) and back
     to uint8 as :func:`ddpm.io.images.to_uint8` rounds samples, so real and generated digits are quantised alike.
     The arrays are cached and read-only.
     """

@@ -1,12 +1,12 @@
 """FID during training (``--fid_every_steps``): samples of the EMA weights against cached reference statistics.
 
-Every evaluation draws the same ``num_samples`` images (DDIM, per-image seeds of :mod:`ddpm.evaluation.generate`, so the curve
-follows the model, not the noise), split across the ranks: rank ``r`` samples images ``r, r + W, r + 2W, ...``,
-computes their Inception pool3 features and the features' sum and sum of outer products; all-reducing those
-gives the statistics of the whole set (:meth:`ddpm.evaluation.metrics.FeatureStats.from_sums`). The images, and so the FID, do
-not depend on the number of processes. The weights are rank 0's EMA (only rank 0 keeps one), broadcast into a
-separate evaluation copy of the UNet on every rank: the training model, its RNG streams and its data are untouched,
-so a run with FID evaluations trains exactly the same weights as one without.
+Every evaluation draws the same ``num_samples`` images (DDIM, per-image seeds of :mod:`ddpm.evaluation.generate`,
+so the curve follows the model, not the noise), split across the ranks: rank ``r`` samples images ``r, r + W,
+r + 2W, ...``, computes their Inception pool3 features and the features' sum and sum of outer products;
+all-reducing those gives the statistics of the whole set (:meth:`~ddpm.evaluation.metrics.FeatureStats.from_sums`).
+The images, and so the FID, do not depend on the number of processes. The weights are rank 0's EMA (only rank 0
+keeps one), broadcast into a separate evaluation copy of the UNet on every rank: the training model, its RNG streams
+and its data are untouched, so a run with FID evaluations trains exactly the same weights as one without.
 
 The reference is ``--fid_reference`` (a statistics ``.npz``, an image folder, a ``.npz`` of images or a dataset, as
 ``scripts/evaluate.py --reference`` reads them) or, by default, the training images as the model sees them

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID, Inception Score and KID on the TensorFlow FID Inception-v3 (``ddpm.evaluation.inception``).
+"""Sample-quality metrics: FID, Inception Score and KID on the TensorFlow FID Inception-v3
+(``ddpm.evaluation.inception``).
 
 Conventions follow pytorch-fid / torch-fidelity so the numbers are comparable with published ones:
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import re
 import typing
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, ScheduleConfig
 from ..io.files import read_json
 from ..models.unet import UNetConfig
 from ..runtime.distributed import resolve_device
+from ..runtime.precision import check_precision_support
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
@@ -431,21 +429,3 @@ def resize_unet(values: dict[str, Any], resolution: int, source: str) -> UNetCon
             "(grayscale) or 3 (RGB) channels, the same in and out"
         )
     return unet
-
-
-def check_precision_support(mixed_precision: str, device: torch.device) -> None:
-    """ValueError when ``--mixed_precision`` cannot run on ``device``."""
-    if mixed_precision == "no":
-        return
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    if device.type == "cuda":
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            name = torch.cuda.get_device_name(device)
-            raise ValueError(f"--mixed_precision=bf16: {name} does not support bfloat16; use fp16")
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.autocast(device.type, dtype=dtype):
-            enabled = torch.is_autocast_enabled(device.type)
-    if not enabled or any("not supported" in str(w.message) for w in caught):
-        raise ValueError(f"--mixed_precision={mixed_precision}: this PyTorch cannot autocast to {dtype} on {device}")

@@ -5,8 +5,8 @@
 or on every process of a ``torchrun`` launch.
 
 What one optimizer step sees depends only on ``(seed, step)`` and the global batch ``G = per-device batch x processes
-x accumulation``: the images come from :class:`ddpm.data.sampler.GlobalBatchSampler` (this rank's slice of the step's global
-batch, augmentations seeded per sample), and the timesteps and noise of the *whole* global batch are drawn on the
+x accumulation``: the images come from :class:`~ddpm.data.sampler.GlobalBatchSampler` (this rank's slice of the step's
+global batch, augmentations seeded per sample), and the timesteps and noise of the *whole* global batch are drawn on the
 training device from a generator seeded with ``(seed, step)``, each micro-batch taking its slice. So one process with
 batch G, N processes with G/N, and accumulation all average the same per-sample gradients, and a resumed run needs
 no replay of random numbers. Each micro-batch loss is divided by the accumulation steps (DDP averages over ranks),
