@@ -16,6 +16,7 @@ removes, see :func:`remove_interrupted_saves`). Rotation renames a folder away b
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import torch
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNetConfig
 from .files import atomic_write_dir, read_json, read_safetensors, read_torch_state, write_json, write_safetensors
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "ddpm-checkpoint"
 VERSION = 1
@@ -61,6 +64,28 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in output_dir.iterdir() if checkpoint_step(p) is not None and is_checkpoint(p)]
     return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def missing_files(checkpoint: str | Path, resumable: bool = True) -> list[str]:
+    """The files a complete checkpoint has that ``checkpoint`` lacks (the training state only when ``resumable``)."""
+    names = (CONFIG_NAME, MODEL_NAME, STATE_NAME) if resumable else (CONFIG_NAME, MODEL_NAME)
+    return [name for name in names if not (Path(checkpoint) / name).is_file()]
+
+
+def latest_checkpoint(folder: str | Path, *, resumable: bool = False) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``folder`` (``resumable``: with its training state too), or None.
+
+    A newer folder named ``checkpoint-N`` that lacks files (copied or deleted by hand) is skipped with a warning
+    naming what it lacks; interrupted saves never carry that name (see the module docstring).
+    """
+    folder = Path(folder)
+    named = [p for p in folder.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()]
+    for candidate in sorted(named, key=checkpoint_step, reverse=True):
+        lacking = missing_files(candidate, resumable)
+        if not lacking:
+            return candidate
+        logger.warning("skipping the incomplete checkpoint %s (it lacks %s)", candidate, ", ".join(lacking))
+    return None
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch
 
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNet, UNetConfig
-from .checkpoint import EMA_NAME, is_checkpoint, list_checkpoints, load_checkpoint_model
+from .checkpoint import EMA_NAME, is_checkpoint, latest_checkpoint, load_checkpoint_model
 from .files import atomic_write_dir, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -295,10 +295,10 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if is_checkpoint(path):
         return path
-    found = list_checkpoints(path)
-    if not found:
+    latest = latest_checkpoint(path)
+    if latest is None:
         raise FileNotFoundError(f"{path}: not a training checkpoint, and no checkpoint-N folder inside it")
-    return found[-1]
+    return latest
 
 
 def export_checkpoint(

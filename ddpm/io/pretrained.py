@@ -52,7 +52,7 @@ from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundErr
 
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNetConfig
-from .checkpoint import is_checkpoint, list_checkpoints, load_checkpoint_model
+from .checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint_model
 from .export import (
     MODEL_INDEX_NAME,
     SCHEDULER_CONFIG_NAME,
@@ -108,14 +108,14 @@ def load_model(
 def _load_local(path: Path, use_ema: bool) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
     if is_checkpoint(path):
         return _load_checkpoint(path, use_ema)
-    checkpoints = list_checkpoints(path)
+    latest = latest_checkpoint(path)
     if (path / MODEL_INDEX_NAME).is_file():
-        if not use_ema and checkpoints:
-            logger.info("use_ema=False: loading the live weights of %s, not the exported pipeline", checkpoints[-1])
-            return _load_checkpoint(checkpoints[-1], use_ema)
+        if not use_ema and latest is not None:
+            logger.info("use_ema=False: loading the live weights of %s, not the exported pipeline", latest)
+            return _load_checkpoint(latest, use_ema)
         return load_pipeline_folder(path)
-    if checkpoints:
-        return _load_checkpoint(checkpoints[-1], use_ema)
+    if latest is not None:
+        return _load_checkpoint(latest, use_ema)
     if (path / UNET_FOLDER / UNET_CONFIG_NAME).is_file():
         if (path / SCHEDULER_FOLDER).is_dir():
             raise ValueError(

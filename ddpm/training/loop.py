@@ -58,8 +58,10 @@ from ..io.checkpoint import (
     capture_rng_state,
     checkpoint_step,
     is_training_checkpoint,
+    latest_checkpoint,
     list_checkpoints,
     load_training_checkpoint,
+    missing_files,
     remove_interrupted_saves,
     restore_rng_state,
     rotate_checkpoints,
@@ -856,14 +858,10 @@ def _resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     if spec is None:
         return None
     if spec == "latest":
-        # Newest first; a folder named checkpoint-N without its training state (copied or deleted by hand) is skipped.
-        folders = [p for p in output_dir.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()]
-        for folder in sorted(folders, key=checkpoint_step, reverse=True):
-            if is_training_checkpoint(folder):
-                return folder
-            logger.warning("skipping the incomplete checkpoint %s (it lacks %s)", folder, _missing_files(folder))
-        logger.warning("Checkpoint 'latest' does not exist. Starting a new training run.")
-        return None
+        latest = latest_checkpoint(output_dir, resumable=True)
+        if latest is None:
+            logger.warning("Checkpoint 'latest' does not exist. Starting a new training run.")
+        return latest
     candidates = list(dict.fromkeys((Path(spec), output_dir / Path(spec).name)))
     for candidate in candidates:
         if is_training_checkpoint(candidate):
@@ -872,7 +870,7 @@ def _resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
         if candidate.is_dir() and (checkpoint_step(candidate) is not None or (candidate / CONFIG_NAME).is_file()):
             raise FileNotFoundError(
                 f"--resume_from_checkpoint={spec!r}: {candidate} is not a complete training checkpoint (it lacks "
-                f"{_missing_files(candidate)})"
+                f"{', '.join(missing_files(candidate))})"
             )
     raise FileNotFoundError(
         f"--resume_from_checkpoint={spec!r}: no checkpoint at {' or '.join(map(str, candidates))} (a checkpoint "
@@ -888,10 +886,6 @@ def _save_failure_message(path: Path, error: OSError, previous: Path | None) -> 
         f"could not save {path}{' (the disk is full)' if full else ''}: {error}. Nothing was left half-written (the "
         f"temporary folder was removed) and {kept}; {advice}, then resume with --resume_from_checkpoint latest"
     )
-
-
-def _missing_files(checkpoint: Path) -> str:
-    return ", ".join(name for name in (CONFIG_NAME, MODEL_NAME, STATE_NAME) if not (checkpoint / name).is_file())
 
 
 def _check_same_model(checkpoint: TrainingCheckpoint, unet: UNetConfig, schedule: ScheduleConfig) -> None:
