@@ -4,6 +4,7 @@ to diffusers (``DDPMPipeline.from_pretrained``) and the Hugging Face Hub."""
 from .diffusion.samplers import ddim_sample, ddpm_sample, ddpm_step, inference_timesteps
 from .diffusion.schedule import NoiseSchedule, ScheduleConfig
 from .io.images import make_grid, save_grid, to_uint8
+from .io.pretrained import load_model, load_unet_config
 from .models.ema import EMA
 from .models.unet import UNet, UNetConfig
 
@@ -19,6 +20,8 @@ __all__ = [
     "ddpm_sample",
     "ddpm_step",
     "inference_timesteps",
+    "load_model",
+    "load_unet_config",
     "make_grid",
     "save_grid",
     "to_uint8",

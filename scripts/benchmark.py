@@ -63,6 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm.diffusion.samplers import ddim_sample, ddpm_sample
 from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.io.pretrained import load_unet_config
 from ddpm.models.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def resolve_config(spec: str) -> tuple[str, Path, dict[str, Any]]:
     if not path.is_file():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ValueError(f"--config {spec!r}: no such file, and not one of {names} (or 'all')")
-    config = UNetConfig.from_json(path)  # validates, with the file named in errors
+    config = load_unet_config(path)  # validates, with the file named in errors
     return path.stem, path, config.to_dict()
 
 

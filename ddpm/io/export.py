@@ -25,7 +25,6 @@ last. A crash during the commit therefore leaves a folder without ``model_index.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ import torch
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNet, UNetConfig
 from .checkpoint import EMA_NAME, is_checkpoint, latest_checkpoint, load_checkpoint_model
-from .files import atomic_write_dir, write_json, write_safetensors
+from .files import atomic_write_dir, commit_file, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -211,11 +210,6 @@ def _cast_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _commit(staging: Path, output_dir: Path) -> None:
     """Move the staged pipeline into ``output_dir``; ``model_index.json`` is absent until everything else is in."""
     index = output_dir / MODEL_INDEX_NAME
@@ -227,8 +221,7 @@ def _commit(staging: Path, output_dir: Path) -> None:
                 path.rename(tmp / path.name)
     for name in (MODEL_CARD_NAME, SAMPLE_GRID_NAME, MODEL_INDEX_NAME):
         if (staging / name).is_file():
-            _fsync(staging / name)
-            os.replace(staging / name, output_dir / name)
+            commit_file(staging / name, output_dir / name)
         elif name == SAMPLE_GRID_NAME:  # a previous export's grid would pass for samples of these weights
             (output_dir / name).unlink(missing_ok=True)
 

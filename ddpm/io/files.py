@@ -45,6 +45,28 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_write_file(final_path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final_path`` to write; on success it is flushed and renamed over ``final_path``,
+    on error removed. A file that exists under its final name is therefore always complete."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_path.with_name(f".tmp-{final_path.name}-{os.getpid()}")
+    try:
+        yield tmp
+        commit_file(tmp, final_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def commit_file(written: Path, final_path: Path) -> None:
+    """Flush ``written`` to disk, then rename it to ``final_path`` (a power cut must not expose a file of zeros)."""
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(written, final_path)
+
+
 def _fsync_dir_tree(root: Path) -> None:
     """Flush file contents to disk before the rename makes them visible (a power cut must not expose zeros)."""
     for path in sorted(root.rglob("*")):

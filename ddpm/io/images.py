@@ -1,4 +1,4 @@
-"""Samples as pictures: [-1, 1] tensors to uint8 arrays, grids, PNG files."""
+"""Samples as pictures: [-1, 1] tensors to uint8 arrays, grids, PNG files (written atomically)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import atomic_write_file
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -32,9 +34,25 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
     """Write a PNG grid of [-1, 1] tensors or uint8 NHWC arrays; returns the path."""
     array = to_uint8(images) if isinstance(images, torch.Tensor) else images
+    with atomic_write_file(path) as tmp:
+        make_grid(array, nrow).save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 ``[H, W, C]`` image (C = 1, 3 or 4) atomically: a PNG that exists is complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    make_grid(array, nrow).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{path}: PNG images need 1, 3 or 4 channels, got an image shaped {list(image.shape)}")
+    with atomic_write_file(path) as tmp:
+        Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """A PNG as uint8 ``[H, W, C]`` (grayscale gets C = 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing image {path} (on several nodes, --output_dir must be a shared folder)")
+    with Image.open(path) as image:
+        array = np.asarray(image)
+    return array[..., None] if array.ndim == 2 else array

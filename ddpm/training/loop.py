@@ -67,6 +67,7 @@ from ..io.checkpoint import (
     rotate_checkpoints,
     save_training_checkpoint,
 )
+from ..io.hub import hub_id_or_none
 from ..io.images import save_grid, to_uint8
 from ..models.ema import EMA
 from ..models.unet import UNet, UNetConfig
@@ -82,7 +83,8 @@ from ..runtime.distributed import (
     init_distributed,
     shutdown,
 )
-from .config import TrainConfig, check_precision_support, hub_id_or_none, resize_unet
+from ..runtime.precision import check_precision_support
+from .config import TrainConfig, resize_unet
 from .lr_schedule import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
