@@ -61,9 +61,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm.sampling import ddim_sample, ddpm_sample
-from ddpm.schedule import NoiseSchedule
-from ddpm.unet import UNet, UNetConfig
+from ddpm.diffusion.samplers import ddim_sample, ddpm_sample
+from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.io.pretrained import load_unet_config
+from ddpm.models.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "models"
@@ -145,7 +146,7 @@ def resolve_config(spec: str) -> tuple[str, Path, dict[str, Any]]:
     if not path.is_file():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ValueError(f"--config {spec!r}: no such file, and not one of {names} (or 'all')")
-    config = UNetConfig.from_json(path)  # validates, with the file named in errors
+    config = load_unet_config(path)  # validates, with the file named in errors
     return path.stem, path, config.to_dict()
 
 
@@ -654,8 +655,10 @@ def benchmark_e2e(
     if not intervals:
         return {"error": f"too few logged intervals in {len(records)} records; raise --e2e_steps"}
     img_s = args.batch_size / statistics.median(r["sec_per_step"] for r in intervals)
-    mean_img_s = args.batch_size * (records[-1]["step"] - records[0]["step"]) / sum(
-        (r["step"] - q["step"]) * r["sec_per_step"] for q, r in itertools.pairwise(records)
+    mean_img_s = (
+        args.batch_size
+        * (records[-1]["step"] - records[0]["step"])
+        / sum((r["step"] - q["step"]) * r["sec_per_step"] for q, r in itertools.pairwise(records))
     )
     return {
         "raw_row": raw_name,

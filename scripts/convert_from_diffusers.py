@@ -4,7 +4,7 @@
     python scripts/convert_from_diffusers.py --model path/to/train_unconditional-output --output_dir imported
 
 Accepts a DDPMPipeline folder, a bare UNet2DModel folder or a Hub id; safetensors (sharded too) or legacy ``.bin``;
-old attention names and old configs (see ``ddpm.pretrained``). Writes the canonical layout (every config key
+old attention names and old configs (see ``ddpm.io.pretrained``). Writes the canonical layout (every config key
 explicit, fp32 safetensors, current tensor names) that ``train.py --pretrained_model_name_or_path`` and
 ``sample.py --model`` accept, as does ``DDPMPipeline.from_pretrained``. Nothing is written if the input is refused.
 """
@@ -15,8 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ddpm.export import export_pipeline, make_model_card
-from ddpm.pretrained import load_model
+from ddpm.io.export import export_pipeline, make_model_card
+from ddpm.io.pretrained import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

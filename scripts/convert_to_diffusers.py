@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from ddpm.export import export_checkpoint
+from ddpm.io.export import export_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from ddpm.inception import load_inception
-from ddpm.metrics import KID_SUBSET_SIZE, evaluate
+from ddpm.evaluation.inception import load_inception
+from ddpm.evaluation.metrics import KID_SUBSET_SIZE, evaluate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

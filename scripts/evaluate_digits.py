@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm.digits_eval import (
+from ddpm.evaluation.digits import (
     CONFIDENCE_THRESHOLD,
     DEFAULT_CACHE_DIR,
     FLOOR_NUM_IMAGES,
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_samples(source: str, num_images: int | None = None) -> np.ndarray:
     """uint8 [N, H, W, 3] images of an image folder or a .npz (as ``scripts/evaluate.py`` reads them)."""
-    from ddpm.metrics import FeatureStats, ImageFolderSource, load_source
+    from ddpm.evaluation.metrics import FeatureStats, ImageFolderSource, load_source
 
     dataset = ImageFolderSource(source) if Path(source).is_dir() else load_source(source)
     if isinstance(dataset, FeatureStats):

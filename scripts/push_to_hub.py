@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ddpm.hub import HubError, push_folder
+from ddpm.io.hub import HubError, push_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,8 @@
 folder or a Hub id. Writes ``OUTPUT_DIR/images/000000.png ...``, ``OUTPUT_DIR/grid.png`` (first 64 images) and with
 --save_npz ``OUTPUT_DIR/samples.npz`` (uint8 [N, H, W, C] under ``images``). Rerunning the same command skips the
 images already written, so a killed run continues; the same --seed gives the same images whatever --batch_size and
-the number of processes (up to the network's float rounding, see ``ddpm.generate``). Under ``torchrun`` the images
+the number of processes (up to the network's float rounding, see ``ddpm.evaluation.generate``). Under ``torchrun``
+the images
 are split across the ranks (a shared --output_dir is needed on several nodes).
 """
 
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.distributed import DistributedContext, barrier, init_distributed, shutdown
-from ddpm.generate import (
+from ddpm.diffusion.samplers import inference_timesteps
+from ddpm.diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
+from ddpm.evaluation.generate import (
     GRID_NAME,
     IMAGES_FOLDER,
     NPZ_NAME,
@@ -39,10 +41,9 @@ from ddpm.generate import (
     write_npz,
     write_settings,
 )
-from ddpm.pretrained import load_model
-from ddpm.sampling import inference_timesteps
-from ddpm.schedule import TIMESTEP_SPACINGS, NoiseSchedule
-from ddpm.unet import UNet
+from ddpm.io.pretrained import load_model
+from ddpm.models.unet import UNet
+from ddpm.runtime.distributed import DistributedContext, barrier, init_distributed, shutdown
 
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ddpm.checkpoint import checkpoint_step, list_checkpoints, load_training_checkpoint
+from ddpm.io.checkpoint import checkpoint_step, list_checkpoints, load_training_checkpoint
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 UNET = {  # a tiny grayscale UNet for the 8x8 digits: ~10 ms per step on one core

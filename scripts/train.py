@@ -22,13 +22,13 @@ import sys
 import typing
 from dataclasses import fields
 
-from ddpm.data import CorruptImageError
-from ddpm.train import TrainingError, command_line, train
-from ddpm.train_config import TrainConfig, load_config_file
+from ddpm.data.datasets import CorruptImageError
+from ddpm.training.config import TrainConfig, load_config_file
+from ddpm.training.loop import TrainingError, command_line, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per :class:`ddpm.train_config.TrainConfig` field (help and defaults from it), plus ``--config``."""
+    """One flag per :class:`ddpm.training.config.TrainConfig` field (help and defaults from it), plus ``--config``."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(config, command=command_line(argv))
     except (TrainingError, CorruptImageError) as e:  # diverged, disk full, unreadable image: the message says it all
-        logging.getLogger("ddpm.train").error("%s", e)
+        logging.getLogger("ddpm.training").error("%s", e)
         return 1
     return 0
 

@@ -104,7 +104,7 @@ def random_model():
     import torch
     from torch import nn
 
-    from ddpm.inception import FIDInceptionV3
+    from ddpm.evaluation.inception import FIDInceptionV3
 
     torch.manual_seed(0)
     model = FIDInceptionV3()
@@ -116,7 +116,7 @@ def random_model():
 
 @pytest.fixture(scope="session")
 def random_weights(random_model, tmp_path_factory):
-    from ddpm.checkpoint import write_safetensors
+    from ddpm.io.files import write_safetensors
 
     path = tmp_path_factory.mktemp("inception") / "random.safetensors"
     write_safetensors(random_model.state_dict(), path)
@@ -138,7 +138,7 @@ def one_thread():
 @pytest.fixture
 def small_inputs(monkeypatch):
     """The FID Inception network fed 75x75 instead of 299x299 inputs: ~15x faster on CPU, the same code paths."""
-    from ddpm.inception import FIDInceptionV3
+    from ddpm.evaluation.inception import FIDInceptionV3
 
     monkeypatch.setattr(FIDInceptionV3, "input_size", 75)
 

@@ -14,17 +14,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from ddpm.checkpoint import (
-    CONFIG_NAME,
-    EMA_NAME,
-    FORMAT,
-    MODEL_NAME,
-    VERSION,
-    atomic_write_dir,
-    read_torch_state,
-    write_json,
-    write_safetensors,
-)
+from ddpm.io.checkpoint import CONFIG_NAME, EMA_NAME, FORMAT, MODEL_NAME, VERSION
+from ddpm.io.files import atomic_write_dir, read_torch_state, write_json, write_safetensors
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

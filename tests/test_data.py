@@ -12,17 +12,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ddpm.data import (
-    CorruptImageError,
-    GlobalBatchSampler,
-    ImageDataset,
-    ImageTransform,
-    build_dataloader,
-    convert_image,
-    derive_seed,
-    load_builtin_dataset,
-    load_image_dataset,
-)
+from ddpm.data.datasets import CorruptImageError, ImageDataset, load_builtin_dataset, load_image_dataset
+from ddpm.data.sampler import GlobalBatchSampler, build_dataloader, derive_seed
+from ddpm.data.transforms import ImageTransform, convert_image
 
 # ---------------------------------------------------------------------------------------------------- helpers
 

@@ -1,4 +1,4 @@
-"""ddpm.digits_eval and scripts/evaluate_digits.py: the digit-classifier metrics of the built-in digits."""
+"""ddpm.evaluation.digits and scripts/evaluate_digits.py: the digit-classifier metrics of the built-in digits."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import torch
 from helpers import load_script
 from PIL import Image
 
-from ddpm import digits_eval
-from ddpm.digits_eval import (
+from ddpm.evaluation import digits as digits_eval
+from ddpm.evaluation.digits import (
     classifier_accuracy,
     classifier_path,
     evaluate_digits,

@@ -32,8 +32,8 @@ ROUNDING = {"exact": False, "rtol": 0, "atol": 1e-6}
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, make_train_args):
-    from ddpm.checkpoint import read_safetensors
-    from ddpm.train import train
+    from ddpm.io.files import read_safetensors
+    from ddpm.training.loop import train
 
     script = load_script("train")
     common = ["--use_ema", "--max_train_steps", "4"]  # global batch 8 = 16 images: 2 steps per epoch, 2 epochs
@@ -75,7 +75,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ma
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, make_train_args):
-    from ddpm.checkpoint import list_checkpoints, read_safetensors
+    from ddpm.io.checkpoint import list_checkpoints
+    from ddpm.io.files import read_safetensors
 
     out = tmp_path / "run"
     args = [*make_train_args(out), "--train_batch_size", "2", "--max_train_steps", "100000"]
@@ -102,7 +103,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
 
 def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, random_weights):
     """The FID samples are split across ranks (5 samples: 3 on rank 0, 2 on rank 1) and so is the reference."""
-    from ddpm.train import train
+    from ddpm.training.loop import train
 
     common = ["--use_ema", "--max_train_steps", "2", "--inception_weights", str(random_weights), "--fid_every_steps"]
     common += ["2", "--fid_num_samples", "5", "--fid_inference_steps", "3", "--fid_batch_size", "2"]
@@ -133,8 +134,8 @@ def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, rand
 
 def _worker() -> None:
     """torchrun entry point: train with the given flags, then write this rank's live weights."""
-    from ddpm.checkpoint import write_safetensors
-    from ddpm.train import train
+    from ddpm.io.files import write_safetensors
+    from ddpm.training.loop import train
 
     out = Path(sys.argv[sys.argv.index("--worker-out") + 1])
     argv = sys.argv[1:]

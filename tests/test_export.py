@@ -14,15 +14,10 @@ from helpers import load_script, write_model_checkpoint
 from safetensors import safe_open
 from unet_configs import CONFIG_DIR, TINY
 
-import ddpm.export as export_module
+import ddpm.io.export as export_module
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
-from ddpm.export import (
-    DIFFUSERS_VERSION,
-    export_pipeline,
-    make_model_card,
-    scrub_tokens,
-)
-from ddpm.pretrained import load_model
+from ddpm.io.export import DIFFUSERS_VERSION, export_pipeline, make_model_card, scrub_tokens
+from ddpm.io.pretrained import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every model that runs here is tiny
 

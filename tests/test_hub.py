@@ -12,9 +12,9 @@ from helpers import load_script
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig
-from ddpm.export import export_pipeline
-from ddpm.hub import HubError, files_to_upload, push_folder, resolve_token
-from ddpm.pretrained import load_model
+from ddpm.io.export import export_pipeline
+from ddpm.io.hub import HubError, files_to_upload, push_folder, resolve_token
+from ddpm.io.pretrained import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TestTokenThatMustNeverLeak123"

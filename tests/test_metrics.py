@@ -20,9 +20,14 @@ import torch
 from helpers import load_script
 from PIL import Image
 
-from ddpm import inception, metrics
-from ddpm.inception import FIDInceptionV3, InceptionWeightsNotFoundError, find_inception_weights, load_inception
-from ddpm.metrics import FeatureStats, compute_features, frechet_distance, load_source
+from ddpm.evaluation import inception, metrics
+from ddpm.evaluation.inception import (
+    FIDInceptionV3,
+    InceptionWeightsNotFoundError,
+    find_inception_weights,
+    load_inception,
+)
+from ddpm.evaluation.metrics import FeatureStats, compute_features, frechet_distance, load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
-from ddpm.checkpoint import write_json
-from ddpm.export import export_pipeline
-from ddpm.pretrained import LEGACY_UNET_DEFAULTS, load_model
+from ddpm.io.export import export_pipeline
+from ddpm.io.files import write_json
+from ddpm.io.pretrained import LEGACY_UNET_DEFAULTS, load_model
 
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
@@ -159,7 +159,7 @@ def test_google_flat_layout_with_bin(tmp_path):
 def test_bare_unet_folder_uses_default_schedule(tmp_path, caplog):
     pipeline = _reference_pipeline()
     pipeline.unet.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="ddpm.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="ddpm.io.pretrained"):
         unet_config, schedule_config, _ = load_model(tmp_path)
     assert schedule_config == ScheduleConfig()
     assert "default schedule" in caplog.text

@@ -51,12 +51,13 @@ from conftest import TINY_UNET
 from helpers import assert_same_tensors, load_script, optimizer_tensors, read_metrics, subprocess_env, wait_for_metrics
 from PIL import Image
 
-import ddpm.checkpoint as checkpoint_module
-import ddpm.train as train_module
-from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
-from ddpm.data import CorruptImageError
-from ddpm.train import CheckpointSaveError, train
-from ddpm.train_config import TrainConfig
+import ddpm.io.checkpoint as checkpoint_module
+import ddpm.training.loop as train_module
+from ddpm.data.datasets import CorruptImageError
+from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
+from ddpm.io.files import read_safetensors, read_torch_state
+from ddpm.training.config import TrainConfig
+from ddpm.training.loop import CheckpointSaveError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.

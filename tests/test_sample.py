@@ -1,8 +1,10 @@
-"""scripts/sample.py and ddpm.generate: files written, per-image seeding, resuming, torchrun, diffusers folders.
+"""scripts/sample.py and ddpm.evaluation.generate:
+files written, per-image seeding, resuming, torchrun, diffusers folders.
 
 The test model is a training checkpoint holding a random UNet as its live weights and, as its EMA weights, the same
 UNet with a zeroed output layer. A network's batched kernels may round differently for different batch sizes (see
-``ddpm.generate``); the zero-output network predicts exactly 0 whatever the batch, so its images depend only on the
+``ddpm.evaluation.generate``);
+the zero-output network predicts exactly 0 whatever the batch, so its images depend only on the
 per-image noise streams and must agree bit for bit whatever the batch size. The random network checks the rest:
 bit-exact where the batch shapes are the same, within a rounding level otherwise.
 """
@@ -23,12 +25,11 @@ from PIL import Image
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig
-from ddpm.checkpoint import (
-    load_checkpoint_model,
-)
-from ddpm.generate import image_generators, sample_images
-from ddpm.sampling import ddpm_sample, to_uint8
-from ddpm.schedule import NoiseSchedule
+from ddpm.diffusion.samplers import ddpm_sample
+from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.evaluation.generate import image_generators, sample_images
+from ddpm.io.checkpoint import load_checkpoint_model
+from ddpm.io.images import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = ScheduleConfig(num_train_timesteps=100)

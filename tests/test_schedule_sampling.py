@@ -7,7 +7,7 @@ import torch
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddim_sample, ddpm_sample, inference_timesteps
-from ddpm.sampling import save_grid, to_uint8
+from ddpm.io.images import save_grid, to_uint8
 
 # Every model here is tiny: with several threads, hand-offs on shared cores cost more than the maths (the 1000-step
 # sampling below took minutes instead of seconds).

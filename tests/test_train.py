@@ -13,9 +13,10 @@ import torch
 from conftest import TINY_UNET
 from helpers import assert_same_tensors, load_script, read_metrics
 
-import ddpm.train as train_module
-from ddpm.checkpoint import list_checkpoints, load_training_checkpoint, read_safetensors, read_torch_state
-from ddpm.train import TrainingDiverged, train
+import ddpm.training.loop as train_module
+from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
+from ddpm.io.files import read_safetensors, read_torch_state
+from ddpm.training.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 script = load_script("train")

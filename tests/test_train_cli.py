@@ -13,8 +13,8 @@ import pytest
 from helpers import assert_same_tensors, load_script, read_metrics, subprocess_env
 from PIL import Image
 
-from ddpm.checkpoint import load_training_checkpoint
-from ddpm.train_config import DEFAULT_UNET, TrainConfig, load_config_file
+from ddpm.io.checkpoint import load_training_checkpoint
+from ddpm.training.config import DEFAULT_UNET, TrainConfig, load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,7 +219,7 @@ def test_to_dict_never_contains_the_hub_token():
 
 
 def test_recorded_command_line_scrubs_the_token():
-    from ddpm.train import command_line
+    from ddpm.training.loop import command_line
 
     line = command_line(["--dataset_name", "x", "--hub_token", "hf_abcdefghijkl"])
     assert "hf_abcdefghijkl" not in line and "scripts/train.py --dataset_name x" in line

@@ -13,16 +13,16 @@ import torch
 from helpers import load_script, read_metrics
 from PIL import Image
 
-from ddpm.data import ImageTransform
-from ddpm.fid_monitor import CACHE_PREFIX, SAMPLE_SEED
-from ddpm.generate import sample_images
-from ddpm.metrics import FeatureStats, compute_features, frechet_distance, load_source
-from ddpm.pretrained import load_model
-from ddpm.sampling import to_uint8
-from ddpm.schedule import NoiseSchedule
-from ddpm.train import train
-from ddpm.train_config import TrainConfig
-from ddpm.unet import UNet
+from ddpm.data.transforms import ImageTransform
+from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.evaluation.fid_monitor import CACHE_PREFIX, SAMPLE_SEED
+from ddpm.evaluation.generate import sample_images
+from ddpm.evaluation.metrics import FeatureStats, compute_features, frechet_distance, load_source
+from ddpm.io.images import to_uint8
+from ddpm.io.pretrained import load_model
+from ddpm.models.unet import UNet
+from ddpm.training.config import TrainConfig
+from ddpm.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 script = load_script("train")

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from helpers import load_script, read_metrics
 from PIL import Image
 
-from ddpm.checkpoint import read_torch_state
-from ddpm.schedule import NoiseSchedule
-from ddpm.train import train
+from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.io.files import read_torch_state
+from ddpm.training.loop import train
 
 script = load_script("train")
 pytestmark = pytest.mark.usefixtures("one_thread")

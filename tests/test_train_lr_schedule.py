@@ -6,7 +6,7 @@ import diffusers.optimization as optimization
 import pytest
 import torch
 
-from ddpm.lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, build_lr_scheduler, lr_multiplier
+from ddpm.training.lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, build_lr_scheduler, lr_multiplier
 
 
 def lrs(scheduler, steps):

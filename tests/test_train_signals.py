@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_tensors, read_metrics, subprocess_env, wait_for_metrics
 
-from ddpm.checkpoint import list_checkpoints, read_safetensors
+from ddpm.io.checkpoint import list_checkpoints
+from ddpm.io.files import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_a_second_signal_exits_at_once():
     code = textwrap.dedent(
         """
         import os, signal, time
-        import ddpm.distributed as d
+        import ddpm.runtime.distributed as d
         d.DUPLICATE_SIGNAL_WINDOW_S = 0.0
         with d.GracefulStop() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -98,7 +99,7 @@ def test_a_forwarded_copy_of_the_signal_is_not_a_second_request():
     code = textwrap.dedent(
         """
         import os, signal, time
-        from ddpm.distributed import GracefulStop
+        from ddpm.runtime.distributed import GracefulStop
         with GracefulStop() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGTERM)  # as torchrun forwards it right after the terminal's Ctrl-C

@@ -8,6 +8,7 @@ import torch
 from unet_configs import CONFIG_DIR, SCALE_SHIFT_DROPOUT, TINY
 
 from ddpm import UNet, UNetConfig
+from ddpm.io.pretrained import load_unet_config
 
 
 def _load(name: str) -> dict:
@@ -27,7 +28,7 @@ CONFIGS = {
     [("ddpm-cifar10-32", 35_746_307), ("train-unconditional-64", 113_673_219), ("ddpm-celebahq-256", 113_673_219)],
 )
 def test_parameter_counts(name, expected):
-    assert UNet(UNetConfig.from_json(CONFIG_DIR / f"{name}.json")).num_parameters() == expected
+    assert UNet(load_unet_config(CONFIG_DIR / f"{name}.json")).num_parameters() == expected
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

@@ -9,20 +9,18 @@ file of flag names, refusing unknown keys and wrong types.
 from __future__ import annotations
 
 import json
-import re
 import typing
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checkpoint import read_json
-from .distributed import resolve_device
+from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, ScheduleConfig
+from ..io.hub import is_hub_id
+from ..io.pretrained import read_unet_config, unet_config_from_diffusers
+from ..models.unet import UNetConfig
+from ..runtime.distributed import resolve_device
+from ..runtime.precision import check_precision_support
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
-from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, ScheduleConfig
-from .unet import UNetConfig
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
 DEFAULT_UNET = {
@@ -259,7 +257,7 @@ class TrainConfig:
                     f"{self.resume_from_checkpoint!r} resumes from; drop one of them"
                 )
         model_config = self.model_config_name_or_path
-        if self.pretrained_model_name_or_path is None and (model_config is None or not _is_hub_id(model_config)):
+        if self.pretrained_model_name_or_path is None and (model_config is None or not is_hub_id(model_config)):
             self.unet_config()  # a local architecture: check it (and --resolution against it) now
         device = resolve_device(self.device, max(self.local_rank, 0))
         if device.type == "cpu":  # a GPU is checked by train() once this rank's device is set: no CUDA init here
@@ -280,7 +278,10 @@ class TrainConfig:
         """The architecture to train (not for --pretrained_model_name_or_path), at ``sample_size=resolution``."""
         if self.model_config_name_or_path is None:
             return resize_unet(dict(DEFAULT_UNET), self.resolution, "the default train_unconditional UNet")
-        path, values = _read_model_config(self.model_config_name_or_path, self.cache_dir)
+        try:
+            path, values = read_unet_config(self.model_config_name_or_path, self.cache_dir)
+        except ValueError as e:
+            raise ValueError(f"--model_config_name_or_path={e}") from e
         return resize_unet(values, self.resolution, str(path))
 
     def schedule_config(self, base: ScheduleConfig | None = None) -> ScheduleConfig:
@@ -361,16 +362,6 @@ def _toml_module(path: Path) -> Any:
     return tomllib
 
 
-def _is_hub_id(spec: str) -> bool:
-    """``owner/name`` that is not an existing path (nor a JSON file name)."""
-    return not Path(spec).exists() and not spec.endswith(".json") and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
-
-
-def hub_id_or_none(spec: str | None) -> str | None:
-    """``spec`` when it names a Hub repo (for model-card metadata), else None (local paths, built-in data)."""
-    return spec if spec is not None and _is_hub_id(spec) else None
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -383,39 +374,8 @@ def _is_inside(path: Path, folder: Path) -> bool:
     return True
 
 
-def _read_model_config(spec: str, cache_dir: str | None) -> tuple[Path, dict[str, Any]]:
-    """(file, dict) of a UNet config given as a JSON file, a folder (``config.json`` or ``unet/config.json``) or a
-    Hub model id."""
-    path = Path(spec)
-    if path.is_dir():
-        candidates = [path / "config.json", path / "unet" / "config.json"]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise ValueError(f"--model_config_name_or_path={spec!r}: no config.json or unet/config.json in it")
-        path = found
-    elif not path.exists():
-        if not _is_hub_id(spec):
-            raise ValueError(f"--model_config_name_or_path={spec!r}: no such file or folder")
-        path = _download_model_config(spec, cache_dir)
-    return path, read_json(path)
-
-
-def _download_model_config(repo_id: str, cache_dir: str | None) -> Path:
-    import huggingface_hub
-
-    errors = []
-    for name in ("config.json", "unet/config.json"):
-        try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir))
-        except Exception as e:  # not found, offline, no network: try the next layout, then report all
-            errors.append(f"{name}: {type(e).__name__}: {e}")
-    raise ValueError(f"--model_config_name_or_path={repo_id!r}: not a local path, and the Hub gave: {errors}")
-
-
 def resize_unet(values: dict[str, Any], resolution: int, source: str) -> UNetConfig:
     """The UNet config ``values`` at ``sample_size=resolution``, checked for training (1 or 3 channels in and out)."""
-    from .pretrained import unet_config_from_diffusers
-
     # A placeholder size every architecture divides, so that the --resolution check below can name the flag.
     unet = unet_config_from_diffusers({**values, "sample_size": 2**16}, source)
     factor = unet.downsampling_factor
@@ -431,21 +391,3 @@ def resize_unet(values: dict[str, Any], resolution: int, source: str) -> UNetCon
             "(grayscale) or 3 (RGB) channels, the same in and out"
         )
     return unet
-
-
-def check_precision_support(mixed_precision: str, device: torch.device) -> None:
-    """ValueError when ``--mixed_precision`` cannot run on ``device``."""
-    if mixed_precision == "no":
-        return
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    if device.type == "cuda":
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            name = torch.cuda.get_device_name(device)
-            raise ValueError(f"--mixed_precision=bf16: {name} does not support bfloat16; use fp16")
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.autocast(device.type, dtype=dtype):
-            enabled = torch.is_autocast_enabled(device.type)
-    if not enabled or any("not supported" in str(w.message) for w in caught):
-        raise ValueError(f"--mixed_precision={mixed_precision}: this PyTorch cannot autocast to {dtype} on {device}")

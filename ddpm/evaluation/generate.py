@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from .checkpoint import read_json, write_json
-from .sampling import ddim_sample, ddpm_sample, save_grid, to_uint8
-from .schedule import NoiseSchedule
+from ..diffusion.samplers import ddim_sample, ddpm_sample
+from ..diffusion.schedule import NoiseSchedule
+from ..io.files import read_json, write_json
+from ..io.images import read_png, save_grid, save_png, to_uint8
 
 SAMPLERS = ("ddpm", "ddim")
 IMAGES_FOLDER = "images"
@@ -108,26 +108,6 @@ def pending_indices(images_dir: str | Path, num_images: int) -> list[int]:
     images_dir = Path(images_dir)
     done = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
     return [i for i in range(num_images) if image_path(images_dir, i).name not in done]
-
-
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 ``[H, W, C]`` image (C = 1, 3 or 4) atomically: a PNG that exists is complete."""
-    path = Path(path)
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{path}: PNG images need 1, 3 or 4 channels, got an image shaped {list(image.shape)}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def read_png(path: str | Path) -> np.ndarray:
-    """A PNG as uint8 ``[H, W, C]`` (grayscale gets C = 1)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing image {path} (on several nodes, --output_dir must be a shared folder)")
-    with Image.open(path) as image:
-        array = np.asarray(image)
-    return array[..., None] if array.ndim == 2 else array
 
 
 def generate_images(

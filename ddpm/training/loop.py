@@ -1,12 +1,12 @@
 """The training job: diffusers' ``train_unconditional.py`` without accelerate, without its known defects.
 
-:class:`ddpm.train_config.TrainConfig` holds every hyper-parameter (its fields are the command-line flags of
+:class:`ddpm.training.config.TrainConfig` holds every hyper-parameter (its fields are the command-line flags of
 ``scripts/train.py``, with train_unconditional's names, defaults and meanings); :func:`train` runs it on one process
 or on every process of a ``torchrun`` launch.
 
 What one optimizer step sees depends only on ``(seed, step)`` and the global batch ``G = per-device batch x processes
-x accumulation``: the images come from :class:`ddpm.data.GlobalBatchSampler` (this rank's slice of the step's global
-batch, augmentations seeded per sample), and the timesteps and noise of the *whole* global batch are drawn on the
+x accumulation``: the images come from :class:`~ddpm.data.sampler.GlobalBatchSampler` (this rank's slice of the step's
+global batch, augmentations seeded per sample), and the timesteps and noise of the *whole* global batch are drawn on the
 training device from a generator seeded with ``(seed, step)``, each micro-batch taking its slice. So one process with
 batch G, N processes with G/N, and accumulation all average the same per-sample gradients, and a resumed run needs
 no replay of random numbers. Each micro-batch loss is divided by the accumulation steps (DDP averages over ranks),
@@ -44,7 +44,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from ..data.datasets import ImageDataset, load_image_dataset
+from ..data.sampler import GlobalBatchSampler, build_dataloader, derive_seed
+from ..data.transforms import ImageTransform
+from ..diffusion.samplers import ddim_sample, ddpm_sample
+from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
+from ..evaluation.fid_monitor import FIDMonitor
+from ..io.checkpoint import (
     CONFIG_NAME,
     MODEL_NAME,
     STATE_NAME,
@@ -52,15 +58,20 @@ from .checkpoint import (
     capture_rng_state,
     checkpoint_step,
     is_training_checkpoint,
+    latest_checkpoint,
     list_checkpoints,
     load_training_checkpoint,
+    missing_files,
     remove_interrupted_saves,
     restore_rng_state,
     rotate_checkpoints,
     save_training_checkpoint,
 )
-from .data import GlobalBatchSampler, ImageDataset, ImageTransform, build_dataloader, derive_seed, load_image_dataset
-from .distributed import (
+from ..io.hub import hub_id_or_none
+from ..io.images import save_grid, to_uint8
+from ..models.ema import EMA
+from ..models.unet import UNet, UNetConfig
+from ..runtime.distributed import (
     DistributedContext,
     GracefulStop,
     StopAgreement,
@@ -72,13 +83,9 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
-from .ema import EMA
-from .fid_monitor import FIDMonitor
+from ..runtime.precision import check_precision_support
+from .config import TrainConfig, resize_unet
 from .lr_schedule import build_lr_scheduler
-from .sampling import ddim_sample, ddpm_sample, save_grid, to_uint8
-from .schedule import NoiseSchedule, ScheduleConfig
-from .train_config import TrainConfig, check_precision_support, hub_id_or_none, resize_unet
-from .unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +354,7 @@ class _Trainer:
         cfg = self.cfg
         if cfg.pretrained_model_name_or_path is None:
             return cfg.unet_config(), cfg.schedule_config(), None
-        from .pretrained import load_model
+        from ..io.pretrained import load_model
 
         unet, schedule, weights = load_model(cfg.pretrained_model_name_or_path, cache_dir=cfg.cache_dir)
         resized = resize_unet(unet.to_dict(), cfg.resolution, cfg.pretrained_model_name_or_path)
@@ -385,7 +392,7 @@ class _Trainer:
 
     def _create_repo(self) -> None:
         """Rank 0, before training: a missing token or a wrong repo id fails now, not after hours of training."""
-        from .hub import ensure_repo
+        from ..io.hub import ensure_repo
 
         url = ensure_repo(self._repo_id(), token=self.cfg.hub_token, private=self.cfg.hub_private_repo)
         logger.info("pushing exports to %s", url)
@@ -811,7 +818,7 @@ class _Trainer:
         self.log.write(f"Saved samples {self.last_grid}")
 
     def _export(self, epoch: int, pos: _Position) -> None:
-        from .export import export_pipeline, make_model_card
+        from ..io.export import export_pipeline, make_model_card
 
         cfg = self.cfg
         weights = self.ema.shadow if self.ema is not None else self.unet.state_dict()
@@ -839,7 +846,7 @@ class _Trainer:
         export_pipeline(self.unet_config, self.schedule_config, weights, self.out, model_card=card, sample_grid=grid)
         self.log.write(f"Exported the pipeline to {self.out}")
         if cfg.push_to_hub:
-            from .hub import HubError, push_folder
+            from ..io.hub import HubError, push_folder
 
             try:
                 private, message = cfg.hub_private_repo, f"Step {pos.global_step} (epoch {epoch})"
@@ -853,14 +860,10 @@ def _resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     if spec is None:
         return None
     if spec == "latest":
-        # Newest first; a folder named checkpoint-N without its training state (copied or deleted by hand) is skipped.
-        folders = [p for p in output_dir.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()]
-        for folder in sorted(folders, key=checkpoint_step, reverse=True):
-            if is_training_checkpoint(folder):
-                return folder
-            logger.warning("skipping the incomplete checkpoint %s (it lacks %s)", folder, _missing_files(folder))
-        logger.warning("Checkpoint 'latest' does not exist. Starting a new training run.")
-        return None
+        latest = latest_checkpoint(output_dir, resumable=True)
+        if latest is None:
+            logger.warning("Checkpoint 'latest' does not exist. Starting a new training run.")
+        return latest
     candidates = list(dict.fromkeys((Path(spec), output_dir / Path(spec).name)))
     for candidate in candidates:
         if is_training_checkpoint(candidate):
@@ -869,7 +872,7 @@ def _resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
         if candidate.is_dir() and (checkpoint_step(candidate) is not None or (candidate / CONFIG_NAME).is_file()):
             raise FileNotFoundError(
                 f"--resume_from_checkpoint={spec!r}: {candidate} is not a complete training checkpoint (it lacks "
-                f"{_missing_files(candidate)})"
+                f"{', '.join(missing_files(candidate))})"
             )
     raise FileNotFoundError(
         f"--resume_from_checkpoint={spec!r}: no checkpoint at {' or '.join(map(str, candidates))} (a checkpoint "
@@ -885,10 +888,6 @@ def _save_failure_message(path: Path, error: OSError, previous: Path | None) -> 
         f"could not save {path}{' (the disk is full)' if full else ''}: {error}. Nothing was left half-written (the "
         f"temporary folder was removed) and {kept}; {advice}, then resume with --resume_from_checkpoint latest"
     )
-
-
-def _missing_files(checkpoint: Path) -> str:
-    return ", ".join(name for name in (CONFIG_NAME, MODEL_NAME, STATE_NAME) if not (checkpoint / name).is_file())
 
 
 def _check_same_model(checkpoint: TrainingCheckpoint, unet: UNetConfig, schedule: ScheduleConfig) -> None:
@@ -928,7 +927,7 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
 
 def command_line(argv: list[str], program: str = "scripts/train.py") -> str:
     """A shell-quoted command line for records, with any Hub token scrubbed."""
-    from .export import scrub_tokens
+    from ..io.export import scrub_tokens
 
     launcher = (
         "torchrun --nproc_per_node=" + os.environ["LOCAL_WORLD_SIZE"] + " "

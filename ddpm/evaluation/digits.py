@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import read_safetensors, write_safetensors
-from .data import ImageTransform, load_builtin_dataset
+from ..data.datasets import load_builtin_dataset
+from ..data.transforms import ImageTransform
+from ..io.files import read_safetensors, write_safetensors
 from .metrics import FeatureStats, frechet_distance
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ class DigitClassifier(nn.Module):
 def real_digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """The built-in digits of ``split`` as the training pipeline sees them: uint8 [N, 16, 16, 1] and labels [N].
 
-    The images go through :class:`ddpm.data.ImageTransform` (``resolution=16``, one channel, centre crop) and back
-    to uint8 as :func:`ddpm.sampling.to_uint8` rounds samples, so real and generated digits are quantised alike.
+    The images go through :class:`~ddpm.data.transforms.ImageTransform`
+    (``resolution=16``, one channel, centre crop) and back
+    to uint8 as :func:`ddpm.io.images.to_uint8` rounds samples, so real and generated digits are quantised alike.
     The arrays are cached and read-only.
     """
     dataset = load_builtin_dataset("digits", split)

@@ -1,12 +1,12 @@
 """FID during training (``--fid_every_steps``): samples of the EMA weights against cached reference statistics.
 
-Every evaluation draws the same ``num_samples`` images (DDIM, per-image seeds of :mod:`ddpm.generate`, so the curve
-follows the model, not the noise), split across the ranks: rank ``r`` samples images ``r, r + W, r + 2W, ...``,
-computes their Inception pool3 features and the features' sum and sum of outer products; all-reducing those
-gives the statistics of the whole set (:meth:`ddpm.metrics.FeatureStats.from_sums`). The images, and so the FID, do
-not depend on the number of processes. The weights are rank 0's EMA (only rank 0 keeps one), broadcast into a
-separate evaluation copy of the UNet on every rank: the training model, its RNG streams and its data are untouched,
-so a run with FID evaluations trains exactly the same weights as one without.
+Every evaluation draws the same ``num_samples`` images (DDIM, per-image seeds of :mod:`ddpm.evaluation.generate`,
+so the curve follows the model, not the noise), split across the ranks: rank ``r`` samples images ``r, r + W,
+r + 2W, ...``, computes their Inception pool3 features and the features' sum and sum of outer products;
+all-reducing those gives the statistics of the whole set (:meth:`~ddpm.evaluation.metrics.FeatureStats.from_sums`).
+The images, and so the FID, do not depend on the number of processes. The weights are rank 0's EMA (only rank 0
+keeps one), broadcast into a separate evaluation copy of the UNet on every rank: the training model, its RNG streams
+and its data are untouched, so a run with FID evaluations trains exactly the same weights as one without.
 
 The reference is ``--fid_reference`` (a statistics ``.npz``, an image folder, a ``.npz`` of images or a dataset, as
 ``scripts/evaluate.py --reference`` reads them) or, by default, the training images as the model sees them
@@ -31,15 +31,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .data import ImageDataset
-from .distributed import DistributedContext, all_reduce_sum, broadcast_module, broadcast_object
-from .ema import EMA
+from ..data.datasets import ImageDataset
+from ..diffusion.schedule import NoiseSchedule
+from ..io.images import to_uint8
+from ..models.ema import EMA
+from ..models.unet import UNet
+from ..runtime.distributed import DistributedContext, all_reduce_sum, broadcast_module, broadcast_object
 from .generate import Autocast, sample_images
 from .inception import NUM_FEATURES, load_inception
 from .metrics import FeatureStats, compute_features, frechet_distance, load_source
-from .sampling import to_uint8
-from .schedule import NoiseSchedule
-from .unet import UNet
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
 3. a run folder without an export yet: its latest ``checkpoint-N``;
 4. a folder with ``unet/config.json`` but neither ``model_index.json`` nor ``scheduler/`` (a train_unconditional
    ``checkpoint-N`` saved by accelerate): ``unet_ema/`` when ``use_ema`` and present, else ``unet/``. With
-   ``scheduler/`` it is an interrupted export (see :mod:`ddpm.export`) and refused;
+   ``scheduler/`` it is an interrupted export (see :mod:`ddpm.io.export`) and refused;
 5. a bare ``UNet2DModel`` folder (``config.json`` + weights; ``scheduler_config.json`` beside it if present);
 6. otherwise a Hub id ``owner/name``, fetched with ``huggingface_hub.snapshot_download`` (only the files needed,
    honouring ``cache_dir``, the HF cache and ``HF_HUB_OFFLINE``).
@@ -50,14 +50,9 @@ import huggingface_hub
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError
 
-from .checkpoint import (
-    is_checkpoint,
-    list_checkpoints,
-    load_checkpoint_model,
-    read_json,
-    read_safetensors,
-    read_torch_state,
-)
+from ..diffusion.schedule import ScheduleConfig
+from ..models.unet import UNetConfig
+from .checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint_model
 from .export import (
     MODEL_INDEX_NAME,
     SCHEDULER_CONFIG_NAME,
@@ -67,8 +62,8 @@ from .export import (
     WEIGHTS_STEM,
     validate_state_dict,
 )
-from .schedule import ScheduleConfig
-from .unet import UNetConfig
+from .files import read_json, read_safetensors, read_torch_state
+from .hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +82,6 @@ EMA_CONFIG_KEYS = frozenset(
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _ATTENTION_LINEAR = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _EMA_UNET_FOLDER = "unet_ema"
 
 
@@ -101,7 +95,7 @@ def load_model(
     """
     path = Path(path_or_id)
     if not path.exists():
-        if not _HUB_ID.fullmatch(str(path_or_id)):
+        if not is_hub_id(str(path_or_id)):
             raise FileNotFoundError(f"{path_or_id}: no such folder (and not a Hub repo id of the form owner/name)")
         path = download(str(path_or_id), cache_dir=cache_dir)
     elif not path.is_dir():
@@ -114,14 +108,14 @@ def load_model(
 def _load_local(path: Path, use_ema: bool) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
     if is_checkpoint(path):
         return _load_checkpoint(path, use_ema)
-    checkpoints = list_checkpoints(path)
+    latest = latest_checkpoint(path)
     if (path / MODEL_INDEX_NAME).is_file():
-        if not use_ema and checkpoints:
-            logger.info("use_ema=False: loading the live weights of %s, not the exported pipeline", checkpoints[-1])
-            return _load_checkpoint(checkpoints[-1], use_ema)
+        if not use_ema and latest is not None:
+            logger.info("use_ema=False: loading the live weights of %s, not the exported pipeline", latest)
+            return _load_checkpoint(latest, use_ema)
         return load_pipeline_folder(path)
-    if checkpoints:
-        return _load_checkpoint(checkpoints[-1], use_ema)
+    if latest is not None:
+        return _load_checkpoint(latest, use_ema)
     if (path / UNET_FOLDER / UNET_CONFIG_NAME).is_file():
         if (path / SCHEDULER_FOLDER).is_dir():
             raise ValueError(
@@ -177,6 +171,39 @@ def load_unet_folder(folder: Path) -> tuple[UNetConfig, dict[str, torch.Tensor]]
     config_path = folder / UNET_CONFIG_NAME
     unet_config = unet_config_from_diffusers(read_json(config_path), str(config_path))
     return unet_config, convert_legacy_state_dict(read_unet_weights(folder))
+
+
+def read_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """(file, dict) of a UNet config given as a JSON file (ours or diffusers'), a folder holding ``config.json`` or
+    ``unet/config.json``, or a Hub model id (only the config is downloaded)."""
+    path = Path(spec)
+    if path.is_dir():
+        candidates = [path / UNET_CONFIG_NAME, path / UNET_FOLDER / UNET_CONFIG_NAME]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ValueError(f"{spec!r}: no {UNET_CONFIG_NAME} or {UNET_FOLDER}/{UNET_CONFIG_NAME} in it")
+        path = found
+    elif not path.exists():
+        if not is_hub_id(str(spec)):
+            raise ValueError(f"{spec!r}: no such file or folder")
+        path = _download_unet_config(str(spec), cache_dir)
+    return path, read_json(path)
+
+
+def _download_unet_config(repo_id: str, cache_dir: str | Path | None) -> Path:
+    errors = []
+    for name in (UNET_CONFIG_NAME, f"{UNET_FOLDER}/{UNET_CONFIG_NAME}"):
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir))
+        except Exception as e:  # not found, offline, no network: try the next layout, then report all
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+    raise ValueError(f"{repo_id!r}: not a local path, and the Hub gave: {errors}")
+
+
+def load_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> UNetConfig:
+    """The :class:`UNetConfig` of :func:`read_unet_config`'s source, validated; errors name the file."""
+    path, values = read_unet_config(spec, cache_dir)
+    return unet_config_from_diffusers(values, str(path))
 
 
 def unet_config_from_diffusers(config: dict[str, Any], source: str) -> UNetConfig:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from .checkpoint import read_safetensors, read_torch_state
+from ..io.files import read_safetensors, read_torch_state
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILENAME}"
@@ -133,8 +133,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         pool3 = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         logits = None if self.fc is None else pool3 @ self.fc.weight.T
@@ -183,8 +194,7 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> dict[str, t
         if candidate.is_file():
             return read_weights_file(candidate)
     try:
-        return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True,
-                                                  weights_only=True)
+        return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True, weights_only=True)
     except (urllib.error.URLError, OSError) as err:
         raise InceptionWeightsNotFoundError(
             f"FID Inception weights not found and could not be downloaded ({err}).\n"

@@ -17,15 +17,14 @@ diffusers does not consult it for these classes.
 Atomicity: all files are first written into a hidden staging folder inside ``output_dir`` (so a failure while
 writing, e.g. a full disk, leaves any previous export complete and untouched). They are then committed:
 ``model_index.json`` is removed first, ``scheduler/`` then ``unet/`` are each swapped in with one folder rename
-(:func:`ddpm.checkpoint.atomic_write_dir`), the card and grid are renamed in, and ``model_index.json`` is renamed in
+(:func:`ddpm.io.files.atomic_write_dir`), the card and grid are renamed in, and ``model_index.json`` is renamed in
 last. A crash during the commit therefore leaves a folder without ``model_index.json``, which neither diffusers nor
-:func:`ddpm.pretrained.load_model` takes for a pipeline.
+:func:`ddpm.io.pretrained.load_model` takes for a pipeline.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -34,17 +33,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
-    EMA_NAME,
-    atomic_write_dir,
-    is_checkpoint,
-    list_checkpoints,
-    load_checkpoint_model,
-    write_json,
-    write_safetensors,
-)
-from .schedule import ScheduleConfig
-from .unet import UNet, UNetConfig
+from ..diffusion.schedule import ScheduleConfig
+from ..models.unet import UNet, UNetConfig
+from .checkpoint import EMA_NAME, is_checkpoint, latest_checkpoint, load_checkpoint_model
+from .files import atomic_write_dir, commit_file, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -218,11 +210,6 @@ def _cast_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _commit(staging: Path, output_dir: Path) -> None:
     """Move the staged pipeline into ``output_dir``; ``model_index.json`` is absent until everything else is in."""
     index = output_dir / MODEL_INDEX_NAME
@@ -234,8 +221,7 @@ def _commit(staging: Path, output_dir: Path) -> None:
                 path.rename(tmp / path.name)
     for name in (MODEL_CARD_NAME, SAMPLE_GRID_NAME, MODEL_INDEX_NAME):
         if (staging / name).is_file():
-            _fsync(staging / name)
-            os.replace(staging / name, output_dir / name)
+            commit_file(staging / name, output_dir / name)
         elif name == SAMPLE_GRID_NAME:  # a previous export's grid would pass for samples of these weights
             (output_dir / name).unlink(missing_ok=True)
 
@@ -302,10 +288,10 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if is_checkpoint(path):
         return path
-    found = list_checkpoints(path)
-    if not found:
+    latest = latest_checkpoint(path)
+    if latest is None:
         raise FileNotFoundError(f"{path}: not a training checkpoint, and no checkpoint-N folder inside it")
-    return found[-1]
+    return latest
 
 
 def export_checkpoint(

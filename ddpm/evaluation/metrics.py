@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID, Inception Score and KID on the TensorFlow FID Inception-v3 (``ddpm.inception``).
+"""Sample-quality metrics: FID, Inception Score and KID on the TensorFlow FID Inception-v3
+(``ddpm.evaluation.inception``).
 
 Conventions follow pytorch-fid / torch-fidelity so the numbers are comparable with published ones:
 
@@ -286,7 +287,7 @@ def load_source(source: str | os.PathLike) -> FeatureStats | Dataset:
             return ArraySource(data[key], name=f"{path}[{key!r}]")
     if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
         return ImageFolderSource(path)
-    from .data import load_image_dataset  # datasets is slow to import; only dataset sources need it
+    from ..data.datasets import load_image_dataset  # datasets is slow to import; only dataset sources need it
 
     try:
         dataset, column = load_image_dataset(dataset_name=source)
@@ -311,8 +312,9 @@ def _to_network_input(batch: torch.Tensor | list[torch.Tensor], device: torch.de
     if isinstance(batch, torch.Tensor):
         return batch.to(device).permute(0, 3, 1, 2).float() / 255
     resized = [
-        F.interpolate(_to_network_input(image[None], device, size), size=(size, size), mode="bilinear",
-                      align_corners=False)
+        F.interpolate(
+            _to_network_input(image[None], device, size), size=(size, size), mode="bilinear", align_corners=False
+        )
         for image in batch
     ]
     return torch.cat(resized)

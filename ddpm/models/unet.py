@@ -8,11 +8,9 @@ embeddings are implemented; anything else is refused by :class:`UNetConfig` with
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,21 +148,6 @@ class UNetConfig:
             else:
                 raise ValueError(f"unknown UNet config key {key!r} (value {value!r})")
         return cls(**kwargs)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> UNetConfig:
-        """Read a JSON file (ours or a diffusers ``config.json``); a folder means its ``config.json``."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read UNet config {path}: {e}") from e
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         """Our fields as a JSON-friendly dict (lists, not tuples)."""

@@ -1,4 +1,4 @@
-"""Training data: image datasets, per-sample transforms, and a sampler that shards global batches exactly.
+"""Training images: where they come from and how one is read.
 
 Loading (:func:`load_image_dataset`) mirrors train_unconditional's ``--dataset_name`` / ``--train_data_dir``:
 a Hub id or a local dataset folder goes through ``datasets.load_dataset(..., split="train")``, an image folder
@@ -6,23 +6,9 @@ through the ``imagefolder`` builder, and on top of that a ``save_to_disk`` folde
 ``datasets.load_from_disk`` and ``builtin:digits[:split]`` is the UCI digits set shipped in ``ddpm/assets``
 (8x8 grayscale, no download), for smoke tests and CI.
 
-Transforms (:class:`ImageTransform`) are train_unconditional's ``Resize(res, bilinear)`` (shorter side) ->
-``CenterCrop``/``RandomCrop`` -> optional horizontal flip -> ``ToTensor`` -> ``Normalize([0.5], [0.5])``, on the
-image converted to the model's channel count. Unlike ``image.convert("RGB")``, 16-bit and float images are
-rescaled to 8 bits instead of clipped (see :func:`convert_image`). Images are decoded here rather than by
-``datasets`` so that an unreadable file raises an error naming it, or is skipped and counted on request.
-
-Randomness and sharding (:class:`GlobalBatchSampler`). Every epoch is one fixed stream of samples: a
-permutation of the dataset drawn from ``(seed, epoch)``, cut into global batches of
-``G = per_device_batch * world_size * grad_accum`` samples, one global batch per optimizer step. Within global
-batch ``k``, micro-step ``m`` of rank ``r`` takes stream positions ``k*G + (m*world_size + r)*B`` up to ``+B``.
-Each sample's augmentation (crop offset, flip) comes from a ``torch.Generator`` seeded from
-``(seed, epoch, stream position)``, and the sampler hands ``(index, aug_seed)`` pairs to :class:`ImageDataset`.
-Hence the set of images and their exact pixels in optimizer step ``k`` depend only on ``(seed, epoch, k, G)``:
-not on the number of processes, the accumulation split, the number of DataLoader workers, the global RNG, or
-whether the run was resumed (``set_epoch(epoch, start_step)`` starts the same stream at step ``start_step``).
-A run on 1 process with batch ``G`` and a run on N processes x accumulation therefore average gradients over the
-same samples, and a resumed run continues exactly where the interrupted one stopped.
+:class:`ImageDataset` decodes images itself rather than through ``datasets``, so that an unreadable file raises an
+error naming it, or is skipped and counted on request; it applies a :class:`ddpm.data.transforms.ImageTransform`
+seeded per sample by the :class:`ddpm.data.sampler.GlobalBatchSampler`.
 """
 
 from __future__ import annotations
@@ -31,18 +17,15 @@ import gzip
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
 import datasets
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Sampler
-from torchvision.transforms import InterpolationMode
+
+from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
 
@@ -56,35 +39,6 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 _MAX_CONSECUTIVE_CORRUPT = 100
 # Slots of the shared skip counter: this process plus up to 63 DataLoader workers (more would share slots).
 _COUNTER_SLOTS = 64
-# Stream tags so that the permutation and the augmentations never share a seed.
-_PERMUTATION_STREAM = 0
-_AUGMENTATION_STREAM = 1
-_MASK64 = (1 << 64) - 1
-
-
-# ---------------------------------------------------------------------------------------------------- seeds
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed that depends on every value and their order (SplitMix64 chain).
-
-    Pure integer arithmetic, so it is the same on every platform and library version; 63 bits so that it is a
-    valid ``torch.Generator.manual_seed`` / NumPy seed.
-    """
-    h = 0
-    for v in values:
-        h = _splitmix64(h ^ (int(v) & _MASK64))
-    return h >> 1
-
-
-# ---------------------------------------------------------------------------------------------------- builtin
 
 
 @lru_cache(maxsize=1)
@@ -234,65 +188,6 @@ def load_image_dataset(
     return dataset, find_image_column(dataset, image_column, source)
 
 
-# ---------------------------------------------------------------------------------------------------- transforms
-
-
-def convert_image(image: Image.Image, channels: int) -> Image.Image:
-    """``image`` as 8-bit ``"L"`` (``channels=1``) or ``"RGB"`` (``channels=3``).
-
-    16-bit modes (``"I;16*"``, and ``"I"``, which is how PIL reads some 16-bit files) are scaled from 0..65535 to
-    0..255 (``round(v * 255 / 65535)``; ``"I"`` values outside 0..65535 are clipped) instead of being clipped at
-    255 as ``convert`` does. ``"F"`` is taken to hold 0..1, as torchvision's ``ToTensor`` assumes. Every other mode
-    uses PIL's ``convert``, like train_unconditional's ``image.convert("RGB")``: alpha is dropped (the stored
-    colour of transparent pixels is kept, not composited on a background), palettes are looked up.
-    """
-    if channels not in (1, 3):
-        raise ValueError(f"channels={channels} is not supported: images can be converted to 1 or 3 channels")
-    if image.mode.startswith("I"):
-        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) * (255 / 65535)
-        image = Image.fromarray(np.round(values).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 1) * 255).astype(np.uint8))
-    target = "L" if channels == 1 else "RGB"
-    return image if image.mode == target else image.convert(target)
-
-
-@dataclass
-class ImageTransform:
-    """train_unconditional's augmentations, with every random choice drawn from an explicit generator.
-
-    ``resolution``: output size; the shorter side is resized to it (bilinear, antialiased; smaller images are
-    upscaled), then a ``resolution`` square is cropped: centred if ``center_crop``, else at a random offset.
-    ``random_flip``: flip horizontally with probability 0.5. ``channels``: 1 or 3 (see :func:`convert_image`).
-    Output: float32 ``(channels, resolution, resolution)`` in [-1, 1] (``(x/255 - 0.5) / 0.5``).
-    """
-
-    resolution: int
-    channels: int = 3
-    center_crop: bool = False
-    random_flip: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.resolution, int) or self.resolution < 1:
-            raise ValueError(f"resolution={self.resolution!r} must be a positive integer")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels={self.channels!r} must be 1 or 3")
-
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        """Transform one image; random draws, in order: crop row, crop column (random crop), flip (if enabled)."""
-        res = self.resolution
-        image = TF.resize(convert_image(image, self.channels), res, interpolation=InterpolationMode.BILINEAR)
-        if self.center_crop:
-            image = TF.center_crop(image, [res, res])
-        elif image.size != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
-            top = int(torch.randint(0, image.height - res + 1, (1,), generator=generator))
-            left = int(torch.randint(0, image.width - res + 1, (1,), generator=generator))
-            image = TF.crop(image, top, left, res, res)
-        if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
-            image = TF.hflip(image)
-        return TF.to_tensor(image).sub_(0.5).div_(0.5)
-
-
 class CorruptImageError(ValueError):
     """An image that cannot be read or decoded; the message names the file (or the dataset index)."""
 
@@ -376,116 +271,3 @@ class ImageDataset(torch.utils.data.Dataset):
         raise CorruptImageError(
             f"{attempts} consecutive unreadable images from dataset index {index} on: the dataset looks broken"
         )
-
-
-# ---------------------------------------------------------------------------------------------------- sampling
-
-
-class GlobalBatchSampler(Sampler[tuple[int, int]]):
-    """This rank's share of each epoch's global batches, as ``(dataset index, augmentation seed)`` pairs.
-
-    See the module docstring for the layout. Per optimizer step the rank yields ``grad_accum * per_device_batch``
-    pairs: micro-batch after micro-batch, so a DataLoader with ``batch_size=per_device_batch`` gives exactly
-    ``grad_accum`` micro-batches per step. ``drop_last=True`` drops the incomplete last global batch;
-    ``drop_last=False`` completes it with the first samples of the epoch's permutation (each once). Call
-    :meth:`set_epoch` before each epoch.
-    """
-
-    def __init__(
-        self,
-        dataset_len: int,
-        per_device_batch: int,
-        world_size: int = 1,
-        rank: int = 0,
-        grad_accum: int = 1,
-        seed: int = 0,
-        drop_last: bool = True,
-    ) -> None:
-        for field, value in (
-            ("dataset_len", dataset_len),
-            ("per_device_batch", per_device_batch),
-            ("world_size", world_size),
-            ("grad_accum", grad_accum),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive integer")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size})")
-        self.dataset_len = dataset_len
-        self.per_device_batch = per_device_batch
-        self.world_size = world_size
-        self.rank = rank
-        self.grad_accum = grad_accum
-        self.seed = seed
-        self.drop_last = drop_last
-        self.global_batch_size = per_device_batch * world_size * grad_accum
-        if dataset_len < self.global_batch_size:
-            raise ValueError(
-                f"The dataset has {dataset_len} images, fewer than one global batch of {self.global_batch_size} "
-                f"(per_device_batch {per_device_batch} x world_size {world_size} x grad_accum {grad_accum}); "
-                "lower the batch size or the gradient accumulation"
-            )
-        self.epoch = 0
-        self.start_step = 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps (global batches) per epoch."""
-        full, rest = divmod(self.dataset_len, self.global_batch_size)
-        return full + int(rest > 0 and not self.drop_last)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Iterate epoch ``epoch`` from its optimizer step ``start_step`` on (non-zero only when resuming)."""
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r} must be a non-negative integer")
-        if not isinstance(start_step, int) or not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step!r} must be in [0, steps_per_epoch={self.steps_per_epoch}]")
-        self.epoch = epoch
-        self.start_step = start_step
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.grad_accum * self.per_device_batch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _PERMUTATION_STREAM, self.epoch))
-        order = torch.randperm(self.dataset_len, generator=generator).tolist()
-        batch = self.per_device_batch
-        for step in range(self.start_step, self.steps_per_epoch):
-            for micro in range(self.grad_accum):
-                first = step * self.global_batch_size + (micro * self.world_size + self.rank) * batch
-                for position in range(first, first + batch):
-                    aug_seed = derive_seed(self.seed, _AUGMENTATION_STREAM, self.epoch, position)
-                    yield order[position % self.dataset_len], aug_seed
-
-
-def build_dataloader(
-    dataset: torch.utils.data.Dataset,
-    sampler: Sampler,
-    batch_size: int,
-    num_workers: int = 0,
-    pin_memory: bool | None = None,
-    prefetch_factor: int = 2,
-) -> DataLoader:
-    """A DataLoader drawing ``batch_size`` samples at a time from ``sampler`` (keep ``drop_last`` off: a
-    :class:`GlobalBatchSampler` yields whole micro-batches).
-
-    Workers are persistent (no restart cost each epoch; ``set_epoch`` still applies since the sampler runs in this
-    process); ``pin_memory`` defaults to whether CUDA is available. The loader gets its own generator, so creating
-    an iterator never consumes the global torch RNG (the training noise stays independent of the data pipeline).
-    """
-    if isinstance(sampler, GlobalBatchSampler) and batch_size != sampler.per_device_batch:
-        raise ValueError(
-            f"batch_size={batch_size} must equal the sampler's per_device_batch={sampler.per_device_batch}"
-        )
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(0),
-    )

@@ -1,7 +1,7 @@
 """Push an exported pipeline to the Hugging Face Hub.
 
 ``create_repo(..., exist_ok=True)`` then ``upload_folder`` of the pipeline files only
-(:data:`ddpm.export.PIPELINE_PATTERNS`: never ``checkpoint-*``, logs or optimizer state unless other patterns are
+(:data:`ddpm.io.export.PIPELINE_PATTERNS`: never ``checkpoint-*``, logs or optimizer state unless other patterns are
 asked for). All network calls go through ``huggingface_hub.HfApi``, looked up at call time so tests can replace it.
 
 The token comes from :func:`resolve_token`; it is handed to ``HfApi`` and nowhere else: never logged, never written
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 # Leftovers of an interrupted export or checkpoint write; never uploaded, whatever the allow patterns.
 IGNORE_PATTERNS = [".tmp-*", ".old-*", "*/.tmp-*", "*/.old-*"]
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(spec: str) -> bool:
+    """True for ``owner/name`` that is not an existing path nor a JSON file name: the one rule for "this names a Hub
+    repo" (models, datasets, model configs)."""
+    return not Path(spec).exists() and not spec.endswith(".json") and _HUB_ID.fullmatch(spec) is not None
+
+
+def hub_id_or_none(spec: str | None) -> str | None:
+    """``spec`` when it names a Hub repo (for model-card metadata), else None (local paths, built-in data)."""
+    return spec if spec is not None and is_hub_id(spec) else None
 
 
 class HubError(RuntimeError):

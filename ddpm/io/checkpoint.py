@@ -16,24 +16,21 @@ removes, see :func:`remove_interrupted_saves`). Rotation renames a folder away b
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .schedule import ScheduleConfig
-from .unet import UNetConfig
+from ..diffusion.schedule import ScheduleConfig
+from ..models.unet import UNetConfig
+from .files import atomic_write_dir, read_json, read_safetensors, read_torch_state, write_json, write_safetensors
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "ddpm-checkpoint"
 VERSION = 1
@@ -41,84 +38,6 @@ CONFIG_NAME = "config.json"
 MODEL_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
 STATE_NAME = "training_state.pt"
-
-
-@contextmanager
-def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final_path``; on success it replaces ``final_path``, on error it is removed.
-
-    An existing ``final_path`` is only removed once the new folder is complete, so a failure at any point leaves
-    the previous content intact.
-    """
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_path.name}-", dir=final_path.parent))
-    try:
-        yield tmp
-        _fsync_dir_tree(tmp)
-        if final_path.exists():
-            old = final_path.with_name(f".old-{final_path.name}-{os.getpid()}")
-            final_path.rename(old)
-            tmp.rename(final_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir_tree(root: Path) -> None:
-    """Flush file contents to disk before the rename makes them visible (a power cut must not expose zeros)."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object; errors name the file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"missing file {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Save contiguous CPU tensors with the ``{"format": "pt"}`` metadata diffusers and transformers expect."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file on the CPU; a truncated or corrupt file gives an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing weights file {path}")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"corrupt or truncated weights file {path}: {e}") from e
-
-
-def read_torch_state(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary pickled objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated zip archives, refused globals all land here
-        raise ValueError(f"cannot load {path} (corrupt, truncated or not a plain-tensor file): {e}") from e
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -145,6 +64,28 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in output_dir.iterdir() if checkpoint_step(p) is not None and is_checkpoint(p)]
     return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def missing_files(checkpoint: str | Path, resumable: bool = True) -> list[str]:
+    """The files a complete checkpoint has that ``checkpoint`` lacks (the training state only when ``resumable``)."""
+    names = (CONFIG_NAME, MODEL_NAME, STATE_NAME) if resumable else (CONFIG_NAME, MODEL_NAME)
+    return [name for name in names if not (Path(checkpoint) / name).is_file()]
+
+
+def latest_checkpoint(folder: str | Path, *, resumable: bool = False) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``folder`` (``resumable``: with its training state too), or None.
+
+    A newer folder named ``checkpoint-N`` that lacks files (copied or deleted by hand) is skipped with a warning
+    naming what it lacks; interrupted saves never carry that name (see the module docstring).
+    """
+    folder = Path(folder)
+    named = [p for p in folder.glob("checkpoint-*") if checkpoint_step(p) is not None and p.is_dir()]
+    for candidate in sorted(named, key=checkpoint_step, reverse=True):
+        lacking = missing_files(candidate, resumable)
+        if not lacking:
+            return candidate
+        logger.warning("skipping the incomplete checkpoint %s (it lacks %s)", candidate, ", ".join(lacking))
+    return None
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:

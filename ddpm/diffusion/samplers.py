@@ -1,4 +1,4 @@
-"""Samplers (ancestral DDPM and DDIM) and helpers to turn samples into pictures.
+"""Samplers: ancestral DDPM and DDIM, diffusers-exact.
 
 :func:`ddpm_sample` draws its random numbers in the same order and with the same arithmetic as diffusers'
 ``DDPMPipeline`` + ``DDPMScheduler`` (one ``randn`` for the initial noise, then one per step with ``t > 0``), so the
@@ -11,14 +11,10 @@ own noise from its own stream, so an image does not depend on which batch it was
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
 from .schedule import NoiseSchedule, ScheduleConfig
 
@@ -96,7 +92,6 @@ def ddpm_sample(
     *,
     num_inference_steps: int | None = None,
     generator: Generators = None,
-    progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling; returns images in [-1, 1] (not clamped), shaped ``[B, C, H, W]``.
 
@@ -106,7 +101,7 @@ def ddpm_sample(
     device, dtype = _model_device_dtype(model)
     steps = inference_timesteps(schedule.config, num_inference_steps or schedule.num_train_timesteps)
     x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
-    for i, t in enumerate(tqdm(steps, desc="DDPM", disable=not progress, leave=False)):
+    for i, t in enumerate(steps):
         prev_t = steps[i + 1] if i + 1 < len(steps) else -1
         x = ddpm_step(schedule, model(x, torch.tensor(t, device=device)), t, prev_t, x, generator)
     return x
@@ -148,7 +143,6 @@ def ddim_sample(
     num_inference_steps: int = 50,
     eta: float = 0.0,
     generator: Generators = None,
-    progress: bool = False,
 ) -> torch.Tensor:
     """DDIM sampling (``eta=0`` deterministic, ``eta=1`` DDPM-like); returns images in [-1, 1]."""
     if eta < 0:
@@ -157,7 +151,7 @@ def ddim_sample(
     steps = inference_timesteps(schedule.config, num_inference_steps)
     ratio = schedule.num_train_timesteps // num_inference_steps
     x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
-    for t in tqdm(steps, desc="DDIM", disable=not progress, leave=False):
+    for t in steps:
         out = model(x, torch.tensor(t, device=device))
         prev_t = t - ratio  # DDIMScheduler's rule, whatever the spacing
         ab_t = schedule.alphas_cumprod[t]
@@ -171,33 +165,3 @@ def ddim_sample(
         if eta > 0:
             x = x + std * _randn_like(out, generator)
     return x
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] ``[B, C, H, W]`` tensors to uint8 ``[B, H, W, C]`` arrays, rounded as ``DDPMPipeline`` does."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (x * 255).round().astype(np.uint8)
-
-
-def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """A PIL image tiling uint8 NHWC ``images`` in rows of ``nrow`` (default: a near-square grid)."""
-    n, h, w, c = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y : y + h, x : x + w] = img
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
-
-
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
-    """Write a PNG grid of [-1, 1] tensors or uint8 NHWC arrays; returns the path."""
-    array = to_uint8(images) if isinstance(images, torch.Tensor) else images
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    make_grid(array, nrow).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path

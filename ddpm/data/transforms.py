@@ -1,0 +1,73 @@
+"""train_unconditional's per-image transforms, with every random choice drawn from an explicit generator.
+
+:class:`ImageTransform` is ``Resize(res, bilinear)`` (shorter side) -> ``CenterCrop``/``RandomCrop`` -> optional
+horizontal flip -> ``ToTensor`` -> ``Normalize([0.5], [0.5])``, on the image converted to the model's channel
+count. Unlike ``image.convert("RGB")``, 16-bit and float images are rescaled to 8 bits instead of clipped (see
+:func:`convert_image`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+
+def convert_image(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` as 8-bit ``"L"`` (``channels=1``) or ``"RGB"`` (``channels=3``).
+
+    16-bit modes (``"I;16*"``, and ``"I"``, which is how PIL reads some 16-bit files) are scaled from 0..65535 to
+    0..255 (``round(v * 255 / 65535)``; ``"I"`` values outside 0..65535 are clipped) instead of being clipped at
+    255 as ``convert`` does. ``"F"`` is taken to hold 0..1, as torchvision's ``ToTensor`` assumes. Every other mode
+    uses PIL's ``convert``, like train_unconditional's ``image.convert("RGB")``: alpha is dropped (the stored
+    colour of transparent pixels is kept, not composited on a background), palettes are looked up.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} is not supported: images can be converted to 1 or 3 channels")
+    if image.mode.startswith("I"):
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) * (255 / 65535)
+        image = Image.fromarray(np.round(values).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 1) * 255).astype(np.uint8))
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+@dataclass
+class ImageTransform:
+    """train_unconditional's augmentations, with every random choice drawn from an explicit generator.
+
+    ``resolution``: output size; the shorter side is resized to it (bilinear, antialiased; smaller images are
+    upscaled), then a ``resolution`` square is cropped: centred if ``center_crop``, else at a random offset.
+    ``random_flip``: flip horizontally with probability 0.5. ``channels``: 1 or 3 (see :func:`convert_image`).
+    Output: float32 ``(channels, resolution, resolution)`` in [-1, 1] (``(x/255 - 0.5) / 0.5``).
+    """
+
+    resolution: int
+    channels: int = 3
+    center_crop: bool = False
+    random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resolution, int) or self.resolution < 1:
+            raise ValueError(f"resolution={self.resolution!r} must be a positive integer")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels!r} must be 1 or 3")
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        """Transform one image; random draws, in order: crop row, crop column (random crop), flip (if enabled)."""
+        res = self.resolution
+        image = TF.resize(convert_image(image, self.channels), res, interpolation=InterpolationMode.BILINEAR)
+        if self.center_crop:
+            image = TF.center_crop(image, [res, res])
+        elif image.size != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
+            top = int(torch.randint(0, image.height - res + 1, (1,), generator=generator))
+            left = int(torch.randint(0, image.width - res + 1, (1,), generator=generator))
+            image = TF.crop(image, top, left, res, res)
+        if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+            image = TF.hflip(image)
+        return TF.to_tensor(image).sub_(0.5).div_(0.5)

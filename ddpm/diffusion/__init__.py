@@ -1,0 +1,1 @@
+"""The diffusion maths: noise schedule, training loss, samplers. Torch only: no files, no images, no network."""

@@ -1,0 +1,2 @@
+"""Evaluation: the FID Inception network, FID / KID / IS, FID during training, the digits evaluation, and
+reproducible image generation."""

@@ -1,0 +1,1 @@
+"""The process a run lives in: torchrun / process-group helpers, signals, precision."""
