@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import load_script
 
-import ddpm.training.loop as train_module
+import ddpm.diffusion.schedule as train_module
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
 from ddpm.training.loop import TrainingDiverged, train
