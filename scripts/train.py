@@ -24,7 +24,9 @@ from dataclasses import fields
 
 from ddpm.data.datasets import CorruptImageError
 from ddpm.training.config import TrainConfig, load_config_file
-from ddpm.training.loop import TrainingError, command_line, train
+from ddpm.training.errors import TrainingError
+from ddpm.training.loop import command_line, train
+from ddpm.training.setup import check_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +72,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     values = vars(parser.parse_args(argv))
     values.pop("config")
     try:
-        return TrainConfig(**values)
+        config = TrainConfig(**values)
+        check_config(config)  # what the flags name (a model config file, the precision on a CPU): usage errors too
     except ValueError as e:
         parser.error(str(e))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

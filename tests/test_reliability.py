@@ -51,13 +51,15 @@ from conftest import TINY_UNET
 from helpers import assert_same_tensors, load_script, optimizer_tensors, read_metrics, subprocess_env, wait_for_metrics
 from PIL import Image
 
+import ddpm.diffusion.schedule as train_module
 import ddpm.io.checkpoint as checkpoint_module
-import ddpm.training.loop as train_module
 from ddpm.data.datasets import CorruptImageError
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
 from ddpm.training.config import TrainConfig
-from ddpm.training.loop import CheckpointSaveError, train
+from ddpm.training.errors import CheckpointSaveError
+from ddpm.training.loop import train
+from ddpm.training.setup import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.
@@ -173,10 +175,10 @@ def test_every_size_step_and_rate_must_be_positive(name, value):
 
 def test_fp16_on_a_device_without_fp16_autocast_is_refused_up_front(monkeypatch):
     """Flags: --mixed_precision fp16 on a device without fp16 support fails when the config is built."""
-    TrainConfig(dataset_name="builtin:digits", mixed_precision="fp16", device="cpu")  # this PyTorch supports it
+    check_config(TrainConfig(dataset_name="builtin:digits", mixed_precision="fp16", device="cpu"))  # supported here
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # as a build / device without fp16
     with pytest.raises(ValueError, match=r"--mixed_precision=fp16: this PyTorch cannot autocast to torch.float16"):
-        TrainConfig(dataset_name="builtin:digits", mixed_precision="fp16", device="cpu")
+        check_config(TrainConfig(dataset_name="builtin:digits", mixed_precision="fp16", device="cpu"))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_UNET
 from helpers import assert_same_tensors, load_script, read_metrics
 
-import ddpm.training.loop as train_module
+import ddpm.diffusion.schedule as train_module
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
 from ddpm.training.loop import TrainingDiverged, train

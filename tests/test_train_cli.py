@@ -15,6 +15,8 @@ from PIL import Image
 
 from ddpm.io.checkpoint import load_training_checkpoint
 from ddpm.training.config import DEFAULT_UNET, TrainConfig, load_config_file
+from ddpm.training.model_config import unet_config
+from ddpm.training.setup import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +126,7 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_default_architecture_is_train_unconditionals_at_the_resolution():
-    unet = TrainConfig(dataset_name="x", resolution=128).unet_config()
+    unet = unet_config(TrainConfig(dataset_name="x", resolution=128))
     assert unet.sample_size == 128
     assert list(unet.block_out_channels) == DEFAULT_UNET["block_out_channels"]
     assert list(unet.down_block_types) == DEFAULT_UNET["down_block_types"]
@@ -141,7 +143,7 @@ def test_model_config_accepts_diffusers_json_and_folder(tmp_path, tiny_unet_json
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(diffusers_config))
     for source in (tiny_unet_json, folder):
-        unet = TrainConfig(dataset_name="x", model_config_name_or_path=str(source), resolution=16).unet_config()
+        unet = unet_config(TrainConfig(dataset_name="x", model_config_name_or_path=str(source), resolution=16))
         assert unet.sample_size == 16 and list(unet.block_out_channels) == [16, 32]
 
 
@@ -204,12 +206,12 @@ def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
 )
 def test_invalid_settings_raise_naming_the_flag(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        TrainConfig(**{"dataset_name": "x", **changes})
+        check_config(TrainConfig(**{"dataset_name": "x", **changes}))
 
 
 def test_resolution_must_suit_a_custom_model(tiny_unet_json):
     with pytest.raises(ValueError, match=re.escape("--resolution=9 must be divisible by 2")):
-        TrainConfig(dataset_name="x", model_config_name_or_path=str(tiny_unet_json), resolution=9)
+        check_config(TrainConfig(dataset_name="x", model_config_name_or_path=str(tiny_unet_json), resolution=9))
 
 
 def test_to_dict_never_contains_the_hub_token():
@@ -238,7 +240,7 @@ def test_model_config_from_a_hub_id(monkeypatch, tiny_unet_json):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     config = TrainConfig(dataset_name="x", model_config_name_or_path="someone/tiny-ddpm", resolution=16)
-    assert config.unet_config().sample_size == 16
+    assert unet_config(config).sample_size == 16
     assert asked == [("someone/tiny-ddpm", "config.json"), ("someone/tiny-ddpm", "unet/config.json")]
 
 

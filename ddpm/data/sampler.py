@@ -107,6 +107,15 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         full, rest = divmod(self.dataset_len, self.global_batch_size)
         return full + int(rest > 0 and not self.drop_last)
 
+    def micro_slice(self, micro: int) -> slice:
+        """This rank's positions in micro-step ``micro`` of a global batch (positions ``0 .. G-1``).
+
+        The training step takes the same slice of the step's global noise and timesteps, so that every image meets
+        the same noise whatever the number of processes and the accumulation split.
+        """
+        start = (micro * self.world_size + self.rank) * self.per_device_batch
+        return slice(start, start + self.per_device_batch)
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Iterate epoch ``epoch`` from its optimizer step ``start_step`` on (non-zero only when resuming)."""
         if not isinstance(epoch, int) or epoch < 0:
@@ -122,11 +131,11 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, SeedStream.PERMUTATION, self.epoch))
         order = torch.randperm(self.dataset_len, generator=generator).tolist()
-        batch = self.per_device_batch
         for step in range(self.start_step, self.steps_per_epoch):
+            offset = step * self.global_batch_size
             for micro in range(self.grad_accum):
-                first = step * self.global_batch_size + (micro * self.world_size + self.rank) * batch
-                for position in range(first, first + batch):
+                share = self.micro_slice(micro)
+                for position in range(offset + share.start, offset + share.stop):
                     aug_seed = derive_seed(self.seed, SeedStream.AUGMENTATION, self.epoch, position)
                     yield order[position % self.dataset_len], aug_seed
 

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
@@ -129,6 +130,29 @@ def gather_objects(ctx: DistributedContext, obj: Any) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj, group=ctx.control_group)
     return out
+
+
+def run_on_main(ctx: DistributedContext, fn: Callable[..., Any], *args: Any, share: bool = True) -> Any:
+    """Run ``fn(*args)`` on rank 0 while the other ranks wait; its error is raised on every rank (none waits forever).
+
+    Returns ``fn``'s result on rank 0, and on the others too when ``share`` (it must then be small and picklable).
+    """
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn(*args)
+        except Exception as e:  # re-raised below, after telling the other ranks
+            error = e
+    if ctx.is_distributed:
+        message = f"{type(error).__name__}: {error}" if error is not None else None
+        shared, message = broadcast_object(ctx, (result if share else None, message))
+        if message is not None and error is None:
+            raise RuntimeError(f"rank 0 failed: {message}")
+        if not ctx.is_main:
+            result = shared
+    if error is not None:
+        raise error
+    return result
 
 
 def all_reduce_sum(ctx: DistributedContext, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Every setting of a training run: :class:`TrainConfig`, its validation and ``--config`` files.
 
 The fields of :class:`TrainConfig` are the command-line flags of ``scripts/train.py`` (train_unconditional's names,
-defaults and meanings, plus additions); construction validates every value and raises a ValueError naming the flag,
-so a bad setting fails before any data is read or any model is built. :func:`load_config_file` reads a TOML or JSON
-file of flag names, refusing unknown keys and wrong types.
+defaults and meanings, plus additions); construction checks every value and raises a ValueError naming the flag.
+It is values only: what they name (a model config file, the device's precision support, the output folder) is
+checked by :func:`ddpm.training.setup.check_config` and :func:`~ddpm.training.setup.build_run`, still before any data
+is read. :func:`load_config_file` reads a TOML or JSON file of flag names, refusing unknown keys and wrong types.
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, ScheduleConfig
-from ..io.hub import is_hub_id
-from ..io.pretrained import read_unet_config, unet_config_from_diffusers
-from ..models.unet import UNetConfig
-from ..runtime.distributed import resolve_device
-from ..runtime.precision import check_precision_support
+from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
+from ..runtime.precision import MIXED_PRECISION
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
@@ -52,7 +49,8 @@ class TrainConfig:
     """Every setting of a training run; the field names are the flags of ``scripts/train.py``.
 
     The first block are train_unconditional's flags with its defaults; the rest are additions. Validated on
-    construction: a bad value raises ValueError naming the flag.
+    construction (values and how they combine; no file or device is looked at): a bad value raises ValueError naming
+    the flag.
     """
 
     # ---- train_unconditional.py flags
@@ -116,7 +114,7 @@ class TrainConfig:
     mixed_precision: str = _flag(
         "no",
         "Autocast precision: fp16 (with a GradScaler) or bf16; weights and optimizer stay float32.",
-        ("no", "fp16", "bf16"),
+        tuple(MIXED_PRECISION),
     )
     prediction_type: str = _flag("epsilon", "What the model predicts (training target).", PREDICTION_TYPES)
     ddpm_num_steps: int = _flag(1000, "Number of diffusion steps T of the noise schedule.")
@@ -184,84 +182,8 @@ class TrainConfig:
     device: str = _flag("auto", "Training device: auto (this rank's GPU if any), cpu or cuda.", ("auto", "cpu", "cuda"))
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"--{name}={getattr(self, name)!r}: {why}")
-
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise bad(f.name, f"choose one of {', '.join(choices)}")
-        if self.dataset_name is None and self.train_data_dir is None:
-            raise ValueError(
-                "You must specify either a dataset name from the hub (--dataset_name) or a train data directory "
-                "(--train_data_dir)."
-            )
-        if self.dataset_name is not None and self.train_data_dir is not None:
-            raise ValueError("Give only one of --dataset_name and --train_data_dir")
-        positive = (
-            "resolution",
-            "train_batch_size",
-            "eval_batch_size",
-            "num_epochs",
-            "save_images_epochs",
-            "save_model_epochs",
-            "gradient_accumulation_steps",
-            "ddpm_num_steps",
-            "ddpm_num_inference_steps",
-            "checkpointing_steps",
-            "logging_steps",
-            "max_nonfinite_steps",
-            "ddp_timeout",
-            "fid_inference_steps",
-            "fid_batch_size",
-        )
-        for name in positive:
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "must be a positive integer")
-        for name in ("max_train_steps", "checkpoints_total_limit"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise bad(name, "must be a positive integer (or left unset)")
-        for name in ("dataloader_num_workers", "lr_warmup_steps", "fid_every_steps"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "must be an integer >= 0")
-        for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ema_power", "max_grad_norm", "lr_power"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "must be positive")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise bad(name, "must be in [0, 1)")
-        if not self.adam_weight_decay >= 0:
-            raise bad("adam_weight_decay", "must be >= 0")
-        if not 0 <= self.ema_max_decay <= 1:
-            raise bad("ema_max_decay", "must be in [0, 1]")
-        if self.lr_scheduler == "polynomial" and not self.learning_rate > POLYNOMIAL_LR_END:
-            raise bad("learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
-        if self.lr_num_cycles is not None and not self.lr_num_cycles > 0:
-            raise bad("lr_num_cycles", "must be positive")
-        for name in ("ddpm_num_inference_steps", "fid_inference_steps"):
-            if getattr(self, name) > self.ddpm_num_steps:
-                raise bad(name, f"must be <= --ddpm_num_steps={self.ddpm_num_steps}")
-        if not _is_int(self.fid_num_samples) or self.fid_num_samples < 2:
-            raise bad("fid_num_samples", "must be an integer >= 2 (FID needs a covariance)")
-        if self.model_config_name_or_path is not None and self.pretrained_model_name_or_path is not None:
-            raise ValueError(
-                "Give only one of --model_config_name_or_path and --pretrained_model_name_or_path "
-                "(a pretrained model brings its own architecture)"
-            )
-        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
-            resume = Path(self.resume_from_checkpoint)
-            if self.resume_from_checkpoint == "latest" or _is_inside(resume, Path(self.output_dir)):
-                raise ValueError(
-                    f"--overwrite_output_dir would delete the checkpoint --resume_from_checkpoint="
-                    f"{self.resume_from_checkpoint!r} resumes from; drop one of them"
-                )
-        model_config = self.model_config_name_or_path
-        if self.pretrained_model_name_or_path is None and (model_config is None or not is_hub_id(model_config)):
-            self.unet_config()  # a local architecture: check it (and --resolution against it) now
-        device = resolve_device(self.device, max(self.local_rank, 0))
-        if device.type == "cpu":  # a GPU is checked by train() once this rank's device is set: no CUDA init here
-            check_precision_support(self.mixed_precision, device)
+        for check in (_check_choices, _check_data_source, _check_integers, _check_rates, _check_combinations):
+            check(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -274,30 +196,117 @@ class TrainConfig:
         values.pop("hub_token")
         return values
 
-    def unet_config(self) -> UNetConfig:
-        """The architecture to train (not for --pretrained_model_name_or_path), at ``sample_size=resolution``."""
-        if self.model_config_name_or_path is None:
-            return resize_unet(dict(DEFAULT_UNET), self.resolution, "the default train_unconditional UNet")
-        try:
-            path, values = read_unet_config(self.model_config_name_or_path, self.cache_dir)
-        except ValueError as e:
-            raise ValueError(f"--model_config_name_or_path={e}") from e
-        return resize_unet(values, self.resolution, str(path))
 
-    def schedule_config(self, base: ScheduleConfig | None = None) -> ScheduleConfig:
-        """The noise schedule from the --ddpm_* flags; with ``base`` (a pretrained model's), only non-default flags
-        override it."""
-        flags = {
-            "num_train_timesteps": ("ddpm_num_steps", self.ddpm_num_steps),
-            "beta_schedule": ("ddpm_beta_schedule", self.ddpm_beta_schedule),
-            "prediction_type": ("prediction_type", self.prediction_type),
-            "variance_type": ("ddpm_variance_type", self.ddpm_variance_type),
-        }
-        if base is None:
-            return ScheduleConfig(**{key: value for key, (_, value) in flags.items()})
-        defaults = {f.name: f.default for f in fields(self)}
-        changed = {key: value for key, (flag, value) in flags.items() if value != defaults[flag]}
-        return ScheduleConfig(**{**base.to_dict(), **changed})
+# ---------------------------------------------------------------------------------------------------- validation
+# In this order: the first bad setting found is the one reported.
+
+_POSITIVE = (
+    "resolution",
+    "train_batch_size",
+    "eval_batch_size",
+    "num_epochs",
+    "save_images_epochs",
+    "save_model_epochs",
+    "gradient_accumulation_steps",
+    "ddpm_num_steps",
+    "ddpm_num_inference_steps",
+    "checkpointing_steps",
+    "logging_steps",
+    "max_nonfinite_steps",
+    "ddp_timeout",
+    "fid_inference_steps",
+    "fid_batch_size",
+)
+_POSITIVE_OR_UNSET = ("max_train_steps", "checkpoints_total_limit")
+_NON_NEGATIVE = ("dataloader_num_workers", "lr_warmup_steps", "fid_every_steps")
+_POSITIVE_RATES = ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ema_power", "max_grad_norm", "lr_power")
+
+
+def _bad(config: TrainConfig, name: str, why: str) -> ValueError:
+    return ValueError(f"--{name}={getattr(config, name)!r}: {why}")
+
+
+def _check_choices(config: TrainConfig) -> None:
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(config, f.name) not in choices:
+            raise _bad(config, f.name, f"choose one of {', '.join(choices)}")
+
+
+def _check_data_source(config: TrainConfig) -> None:
+    if config.dataset_name is None and config.train_data_dir is None:
+        raise ValueError(
+            "You must specify either a dataset name from the hub (--dataset_name) or a train data directory "
+            "(--train_data_dir)."
+        )
+    if config.dataset_name is not None and config.train_data_dir is not None:
+        raise ValueError("Give only one of --dataset_name and --train_data_dir")
+
+
+def _check_integers(config: TrainConfig) -> None:
+    for name in _POSITIVE:
+        if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
+            raise _bad(config, name, "must be a positive integer")
+    for name in _POSITIVE_OR_UNSET:
+        value = getattr(config, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise _bad(config, name, "must be a positive integer (or left unset)")
+    for name in _NON_NEGATIVE:
+        if not _is_int(getattr(config, name)) or getattr(config, name) < 0:
+            raise _bad(config, name, "must be an integer >= 0")
+
+
+def _check_rates(config: TrainConfig) -> None:
+    for name in _POSITIVE_RATES:
+        if not getattr(config, name) > 0:
+            raise _bad(config, name, "must be positive")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise _bad(config, name, "must be in [0, 1)")
+    if not config.adam_weight_decay >= 0:
+        raise _bad(config, "adam_weight_decay", "must be >= 0")
+    if not 0 <= config.ema_max_decay <= 1:
+        raise _bad(config, "ema_max_decay", "must be in [0, 1]")
+    if config.lr_scheduler == "polynomial" and not config.learning_rate > POLYNOMIAL_LR_END:
+        raise _bad(config, "learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
+    if config.lr_num_cycles is not None and not config.lr_num_cycles > 0:
+        raise _bad(config, "lr_num_cycles", "must be positive")
+
+
+def _check_combinations(config: TrainConfig) -> None:
+    """Settings that only make sense together."""
+    for name in ("ddpm_num_inference_steps", "fid_inference_steps"):
+        if getattr(config, name) > config.ddpm_num_steps:
+            raise _bad(config, name, f"must be <= --ddpm_num_steps={config.ddpm_num_steps}")
+    if not _is_int(config.fid_num_samples) or config.fid_num_samples < 2:
+        raise _bad(config, "fid_num_samples", "must be an integer >= 2 (FID needs a covariance)")
+    if config.model_config_name_or_path is not None and config.pretrained_model_name_or_path is not None:
+        raise ValueError(
+            "Give only one of --model_config_name_or_path and --pretrained_model_name_or_path "
+            "(a pretrained model brings its own architecture)"
+        )
+    if config.overwrite_output_dir and config.resume_from_checkpoint is not None:
+        resume = Path(config.resume_from_checkpoint)
+        if config.resume_from_checkpoint == "latest" or _is_inside(resume, Path(config.output_dir)):
+            raise ValueError(
+                f"--overwrite_output_dir would delete the checkpoint --resume_from_checkpoint="
+                f"{config.resume_from_checkpoint!r} resumes from; drop one of them"
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- --config files
 
 
 def check_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -360,34 +369,3 @@ def _toml_module(path: Path) -> Any:
         except ModuleNotFoundError:
             raise ValueError(f"--config {path}: TOML needs Python 3.11+ or `pip install tomli`; or use JSON") from None
     return tomllib
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def resize_unet(values: dict[str, Any], resolution: int, source: str) -> UNetConfig:
-    """The UNet config ``values`` at ``sample_size=resolution``, checked for training (1 or 3 channels in and out)."""
-    # A placeholder size every architecture divides, so that the --resolution check below can name the flag.
-    unet = unet_config_from_diffusers({**values, "sample_size": 2**16}, source)
-    factor = unet.downsampling_factor
-    if resolution % factor:
-        raise ValueError(
-            f"--resolution={resolution} must be divisible by {factor}, the down-sampling factor of {source} "
-            f"({len(unet.block_out_channels)} blocks)"
-        )
-    unet = UNetConfig.from_dict({**unet.to_dict(), "sample_size": resolution})
-    if unet.in_channels not in (1, 3) or unet.out_channels != unet.in_channels:
-        raise ValueError(
-            f"{source}: in_channels={unet.in_channels}, out_channels={unet.out_channels}; training needs 1 "
-            "(grayscale) or 3 (RGB) channels, the same in and out"
-        )
-    return unet

@@ -72,13 +72,17 @@ def lr_multiplier(
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress(step)) % 1.0))))
 
         return restarts
-    # polynomial
+    return _polynomial(warmup_steps, total_steps, power, base_lr)
+
+
+def _polynomial(warmup_steps: int, total_steps: int, power: float, base_lr: float | None) -> Callable[[int], float]:
+    """diffusers' polynomial decay from ``base_lr`` to :data:`POLYNOMIAL_LR_END`, after the linear warm-up."""
     if base_lr is None or not base_lr > POLYNOMIAL_LR_END:
         raise ValueError(f"the polynomial schedule needs a learning rate above its end value {POLYNOMIAL_LR_END}")
 
     def polynomial(step: int) -> float:
         if step < warmup_steps:
-            return warmup(step)
+            return step / max(1, warmup_steps)
         if step > total_steps:
             return POLYNOMIAL_LR_END / base_lr
         remaining = 1 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
