@@ -51,9 +51,9 @@ from conftest import TINY_UNET
 from helpers import assert_same_tensors, load_script, optimizer_tensors, read_metrics, subprocess_env, wait_for_metrics
 from PIL import Image
 
-import ddpm.diffusion.schedule as train_module
 import ddpm.io.checkpoint as checkpoint_module
 from ddpm.data.datasets import CorruptImageError
+from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
 from ddpm.training.config import TrainConfig
@@ -342,7 +342,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tin
 def test_fp16_overflow_steps_skipped_by_the_grad_scaler_are_counted(tmp_path, tiny_train_args, monkeypatch):
     """Faults (non-finite loss): fp16 steps whose gradients overflow are skipped by the GradScaler, counted, and leave
     the weights alone; fewer than --max_nonfinite_steps in a row do not stop the run."""
-    original = train_module.NoiseSchedule.training_loss
+    original = NoiseSchedule.training_loss
     calls = []
 
     def overflowing(self, *args, **kwargs):
@@ -350,7 +350,7 @@ def test_fp16_overflow_steps_skipped_by_the_grad_scaler_are_counted(tmp_path, ti
         loss = original(self, *args, **kwargs)
         return loss * 1e30 if len(calls) in (3, 4) else loss  # fp16 gradients of steps 3 and 4 overflow
 
-    monkeypatch.setattr(train_module.NoiseSchedule, "training_loss", overflowing)
+    monkeypatch.setattr(NoiseSchedule, "training_loss", overflowing)
     run([*tiny_train_args, "--mixed_precision", "fp16", "--max_train_steps", "6", "--max_nonfinite_steps", "3"])
     records = read_metrics(tmp_path / "run")
     assert [m["skipped_steps"] for m in records] == [0, 0, 1, 2, 2, 2]

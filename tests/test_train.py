@@ -13,10 +13,11 @@ import torch
 from conftest import TINY_UNET
 from helpers import assert_same_tensors, load_script, read_metrics
 
-import ddpm.diffusion.schedule as train_module
+from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
-from ddpm.training.loop import TrainingDiverged, train
+from ddpm.training.errors import TrainingDiverged
+from ddpm.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 script = load_script("train")
@@ -245,7 +246,7 @@ def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
-    original = train_module.NoiseSchedule.training_loss
+    original = NoiseSchedule.training_loss
     calls = []
 
     def poisoned(self, *args, **kwargs):
@@ -253,7 +254,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tra
         loss = original(self, *args, **kwargs)
         return loss if len(calls) <= 2 else loss * float("nan")
 
-    monkeypatch.setattr(train_module.NoiseSchedule, "training_loss", poisoned)
+    monkeypatch.setattr(NoiseSchedule, "training_loss", poisoned)
     args = [*tiny_train_args, "--max_train_steps", "10", "--max_nonfinite_steps", "3"]
     with pytest.raises(TrainingDiverged, match="last 3 optimizer steps .up to step 5. had non-finite gradients"):
         run(args)
