@@ -88,6 +88,17 @@ def latest_checkpoint(folder: str | Path, *, resumable: bool = False) -> Path | 
     return None
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a training checkpoint, else the latest ``checkpoint-N`` inside it."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: not a training checkpoint, and no checkpoint-N folder inside it")
+    return latest
+
+
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The checkpoint's ``config.json``, checked for format and version."""
     config = read_json(Path(path) / CONFIG_NAME)

@@ -118,5 +118,3 @@ def read_torch_state(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, refused globals all land here
         raise ValueError(f"cannot load {path} (corrupt, truncated or not a plain-tensor file): {e}") from e
-
-
