@@ -50,6 +50,10 @@ SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 MODEL_CARD_NAME = "README.md"
 SAMPLE_GRID_NAME = "samples.png"
+# Where a model repo keeps each config: at its root (a bare UNet2DModel, the early flat pipeline layout) or in the
+# component's folder.
+UNET_CONFIG_PATHS = (UNET_CONFIG_NAME, f"{UNET_FOLDER}/{UNET_CONFIG_NAME}")
+SCHEDULER_CONFIG_PATHS = (SCHEDULER_CONFIG_NAME, f"{SCHEDULER_FOLDER}/{SCHEDULER_CONFIG_NAME}")
 # train_unconditional's accelerate checkpoints keep the EMA model beside unet/ under this name.
 EMA_UNET_FOLDER = "unet_ema"
 # What an exported pipeline consists of, as upload patterns: never checkpoints, logs or optimizer state.

@@ -32,7 +32,7 @@ import torch
 
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNetConfig
-from .checkpoint import EMA_NAME, find_checkpoint, load_checkpoint_model
+from .checkpoint import EMA_NAME, find_checkpoint, load_checkpoint_model, model_weights_file
 from .diffusers_format import (
     DTYPE_VARIANTS,
     MODEL_CARD_NAME,
@@ -237,7 +237,7 @@ def export_checkpoint(
     """
     source = find_checkpoint(checkpoint_or_run_dir)
     unet_config, schedule_config, state_dict, config = load_checkpoint_model(source, use_ema=use_ema)
-    ema = use_ema and (source / EMA_NAME).is_file()
+    ema = model_weights_file(source, use_ema).name == EMA_NAME
     if use_ema and not ema:
         logger.info("%s has no EMA weights; exporting the live weights", source)
     run = config.get("run") if isinstance(config.get("run"), dict) else {}

@@ -46,8 +46,10 @@ from .diffusers_format import (
     EMA_UNET_FOLDER,
     MODEL_INDEX_NAME,
     SCHEDULER_CONFIG_NAME,
+    SCHEDULER_CONFIG_PATHS,
     SCHEDULER_FOLDER,
     UNET_CONFIG_NAME,
+    UNET_CONFIG_PATHS,
     UNET_FOLDER,
     WEIGHTS_STEM,
     check_model_index,
@@ -151,10 +153,9 @@ def read_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> t
     ``unet/config.json``, or a Hub model id (only the config is downloaded)."""
     path = Path(spec)
     if path.is_dir():
-        candidates = [path / UNET_CONFIG_NAME, path / UNET_FOLDER / UNET_CONFIG_NAME]
-        found = next((p for p in candidates if p.is_file()), None)
+        found = next((path / name for name in UNET_CONFIG_PATHS if (path / name).is_file()), None)
         if found is None:
-            raise ValueError(f"{spec!r}: no {UNET_CONFIG_NAME} or {UNET_FOLDER}/{UNET_CONFIG_NAME} in it")
+            raise ValueError(f"{spec!r}: no {' or '.join(UNET_CONFIG_PATHS)} in it")
         path = found
     elif not path.exists():
         if not is_hub_id(str(spec)):
@@ -165,7 +166,7 @@ def read_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> t
 
 def _download_unet_config(repo_id: str, cache_dir: str | Path | None) -> Path:
     errors = []
-    for name in (UNET_CONFIG_NAME, f"{UNET_FOLDER}/{UNET_CONFIG_NAME}"):
+    for name in UNET_CONFIG_PATHS:
         try:
             return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir))
         except Exception as e:  # not found, offline, no network: try the next layout, then report all
@@ -223,13 +224,7 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
 
 def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch the configs and one set of UNet weights of a Hub model (safetensors if it has them, else ``.bin``)."""
-    configs = [
-        MODEL_INDEX_NAME,
-        UNET_CONFIG_NAME,
-        SCHEDULER_CONFIG_NAME,
-        f"{UNET_FOLDER}/{UNET_CONFIG_NAME}",
-        f"{SCHEDULER_FOLDER}/{SCHEDULER_CONFIG_NAME}",
-    ]
+    configs = [MODEL_INDEX_NAME, *UNET_CONFIG_PATHS, *SCHEDULER_CONFIG_PATHS]
 
     def weights(suffix: str) -> list[str]:
         names = [f"{WEIGHTS_STEM}.{suffix}", f"{WEIGHTS_STEM}.{suffix}.index.json", f"{WEIGHTS_STEM}-*.{suffix}"]
