@@ -16,7 +16,13 @@ from unet_configs import CONFIG_DIR, TINY
 
 import ddpm.io.export as export_module
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
-from ddpm.io.export import DIFFUSERS_VERSION, export_pipeline, make_model_card, scrub_tokens
+from ddpm.io.diffusers_format import (
+    DIFFUSERS_VERSION,
+    schedule_config_from_diffusers,
+    unet_config_from_diffusers,
+)
+from ddpm.io.export import export_pipeline, make_model_card
+from ddpm.io.hub import scrub_tokens
 from ddpm.io.pretrained import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every model that runs here is tiny
@@ -146,8 +152,8 @@ def test_layout_and_every_config_key_written(exports, name):
     for key in reference_scheduler:
         assert json.loads(json.dumps(scheduler.config[key])) == scheduler_json[key], key
     # ...and so do we
-    assert UNetConfig.from_dict(unet_json) == unet_config
-    assert ScheduleConfig.from_dict(scheduler_json) == schedule_config
+    assert unet_config_from_diffusers(unet_json) == unet_config
+    assert schedule_config_from_diffusers(scheduler_json) == schedule_config
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddpm_sample
+from ddpm.io.diffusers_format import LEGACY_UNET_DEFAULTS, unet_config_from_diffusers
 from ddpm.io.export import export_pipeline
 from ddpm.io.files import write_json
-from ddpm.io.pretrained import LEGACY_UNET_DEFAULTS, load_model
+from ddpm.io.pretrained import load_model
 
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
@@ -163,7 +164,7 @@ def test_bare_unet_folder_uses_default_schedule(tmp_path, caplog):
         unet_config, schedule_config, _ = load_model(tmp_path)
     assert schedule_config == ScheduleConfig()
     assert "default schedule" in caplog.text
-    assert unet_config == UNetConfig.from_dict(dict(pipeline.unet.config))
+    assert unet_config == unet_config_from_diffusers(dict(pipeline.unet.config))
 
 
 def test_train_unconditional_accelerate_checkpoint_prefers_ema(tmp_path):

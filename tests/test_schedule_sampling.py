@@ -6,7 +6,8 @@ import pytest
 import torch
 from unet_configs import TINY
 
-from ddpm import NoiseSchedule, ScheduleConfig, UNet, UNetConfig, ddim_sample, ddpm_sample, inference_timesteps
+from ddpm import NoiseSchedule, ScheduleConfig, UNet, ddim_sample, ddpm_sample, inference_timesteps
+from ddpm.io.diffusers_format import schedule_config_from_diffusers, unet_config_from_diffusers
 from ddpm.io.images import save_grid, to_uint8
 
 # Every model here is tiny: with several threads, hand-offs on shared cores cost more than the maths (the 1000-step
@@ -90,12 +91,12 @@ def test_training_losses_match_train_unconditional_formulas():
 )
 def test_invalid_schedule_configs_name_the_key(key, value):
     with pytest.raises(ValueError, match=key):
-        ScheduleConfig.from_dict({key: value})
+        schedule_config_from_diffusers({key: value})
 
 
 def test_schedule_config_round_trips_diffusers_config():
     reference = diffusers.DDPMScheduler(variance_type="fixed_large", prediction_type="v_prediction")
-    cfg = ScheduleConfig.from_dict(dict(reference.config))
+    cfg = schedule_config_from_diffusers(dict(reference.config))
     assert cfg.variance_type == "fixed_large" and cfg.prediction_type == "v_prediction"
     assert ScheduleConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -104,7 +105,7 @@ def test_schedule_config_round_trips_diffusers_config():
 def tiny_pair():
     torch.manual_seed(0)
     reference = diffusers.UNet2DModel(**TINY).eval()
-    ours = UNet(UNetConfig.from_dict(dict(reference.config))).eval()
+    ours = UNet(unet_config_from_diffusers(dict(reference.config))).eval()
     ours.load_state_dict(reference.state_dict())
     return reference, ours
 
@@ -126,7 +127,7 @@ def test_ddpm_sampler_reproduces_ddpm_pipeline(tiny_pair, variance_type, steps, 
     reference, ours = tiny_pair
     scheduler = diffusers.DDPMScheduler(variance_type=variance_type, timestep_spacing=spacing)
     expected = _pipeline_images(diffusers.DDPMPipeline(unet=reference, scheduler=scheduler), steps)
-    schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(scheduler.config)))
+    schedule = NoiseSchedule(schedule_config_from_diffusers(dict(scheduler.config)))
     images = ddpm_sample(ours, schedule, 2, num_inference_steps=steps, generator=torch.Generator().manual_seed(3))
     got = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(got - expected).max() <= 1e-4
@@ -152,7 +153,7 @@ def test_ddim_sampler_reproduces_ddim_pipeline(tiny_pair, eta, prediction_type):
     config = diffusers.DDPMScheduler(prediction_type=prediction_type).config
     scheduler = diffusers.DDIMScheduler.from_config(config)
     expected = _pipeline_images(diffusers.DDIMPipeline(unet=reference, scheduler=scheduler), 20, eta=eta)
-    schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(config)))
+    schedule = NoiseSchedule(schedule_config_from_diffusers(dict(config)))
     images = ddim_sample(
         _DiffusersModel(reference),
         schedule,
@@ -175,7 +176,7 @@ def test_ddim_sampler_reproduces_ddim_pipeline_for_every_prediction_and_spacing(
     config = diffusers.DDPMScheduler(prediction_type=prediction_type, timestep_spacing=spacing).config
     scheduler = diffusers.DDIMScheduler.from_config(config)
     expected = _pipeline_images(diffusers.DDIMPipeline(unet=reference, scheduler=scheduler), 6, eta=0.5)
-    schedule = NoiseSchedule(ScheduleConfig.from_dict(dict(config)))
+    schedule = NoiseSchedule(schedule_config_from_diffusers(dict(config)))
     images = ddim_sample(
         _DiffusersModel(reference),
         schedule,

@@ -20,14 +20,6 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
-# DDPMScheduler config keys we accept only at the value that leaves the maths unchanged.
-_ACCEPTED_FIXED_KEYS: dict[str, tuple[Any, ...]] = {
-    "trained_betas": (None,),
-    "thresholding": (False,),
-    "dynamic_thresholding_ratio": None,  # any value: only used with thresholding
-    "sample_max_value": None,  # likewise
-}
-
 
 @dataclass
 class ScheduleConfig:
@@ -68,23 +60,15 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ScheduleConfig:
-        """Build from our own dict or a diffusers ``scheduler_config.json`` dict (``_`` keys ignored)."""
+        """Build from :meth:`to_dict`'s form; a key that is not a field is refused by name.
+
+        A diffusers ``scheduler_config.json`` is read by ``ddpm.io.diffusers_format.schedule_config_from_diffusers``.
+        """
         names = {f.name for f in fields(cls)}
-        kwargs = {}
         for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key in names:
-                kwargs[key] = value
-            elif key in _ACCEPTED_FIXED_KEYS:
-                allowed = _ACCEPTED_FIXED_KEYS[key]
-                if allowed is not None and value not in allowed:
-                    raise ValueError(
-                        f"scheduler config key {key!r}={value!r} is not supported; supported: {list(allowed)}"
-                    )
-            else:
+            if key not in names:
                 raise ValueError(f"unknown scheduler config key {key!r} (value {value!r})")
-        return cls(**kwargs)
+        return cls(**config)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

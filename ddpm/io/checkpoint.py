@@ -88,6 +88,17 @@ def latest_checkpoint(folder: str | Path, *, resumable: bool = False) -> Path | 
     return None
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a training checkpoint, else the latest ``checkpoint-N`` inside it."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: not a training checkpoint, and no checkpoint-N folder inside it")
+    return latest
+
+
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The checkpoint's ``config.json``, checked for format and version."""
     config = read_json(Path(path) / CONFIG_NAME)
@@ -111,8 +122,13 @@ def load_checkpoint_model(
         schedule_config = ScheduleConfig.from_dict(config["schedule"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path / CONFIG_NAME}: bad model description: {e}") from e
-    weights = path / EMA_NAME if use_ema and (path / EMA_NAME).is_file() else path / MODEL_NAME
-    return unet_config, schedule_config, read_safetensors(weights), config
+    return unet_config, schedule_config, read_safetensors(model_weights_file(path, use_ema)), config
+
+
+def model_weights_file(path: str | Path, use_ema: bool = True) -> Path:
+    """The weights a checkpoint's model is: the EMA weights when asked for and present, the live ones otherwise."""
+    path = Path(path)
+    return path / EMA_NAME if use_ema and (path / EMA_NAME).is_file() else path / MODEL_NAME
 
 
 # ---------------------------------------------------------------------------------------------------- training state

@@ -9,10 +9,8 @@ Layout written into ``output_dir`` (nothing else there is touched: a run's ``che
     README.md                                 model card with Hub metadata
     samples.png                               sample grid, when one is given
 
-Every config key is written, never left to a default: diffusers fills a missing key with the default of the version
-that *reads* the file, so a key left out today could silently change the model with a future release. The
-``_diffusers_version`` written is the oldest release that knows every key written (``mid_block_type`` is 0.33.0);
-diffusers does not consult it for these classes.
+The names, keys and values come from :mod:`ddpm.io.diffusers_format` (every config key is written explicitly; its
+docstring says why).
 
 Atomicity: all files are first written into a hidden staging folder inside ``output_dir`` (so a failure while
 writing, e.g. a full disk, leaves any previous export complete and untouched). They are then committed:
@@ -25,7 +23,6 @@ last. A crash during the commit therefore leaves a folder without ``model_index.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,100 +31,27 @@ from typing import Any
 import torch
 
 from ..diffusion.schedule import ScheduleConfig
-from ..models.unet import UNet, UNetConfig
-from .checkpoint import EMA_NAME, is_checkpoint, latest_checkpoint, load_checkpoint_model
+from ..models.unet import UNetConfig
+from .checkpoint import EMA_NAME, find_checkpoint, load_checkpoint_model, model_weights_file
+from .diffusers_format import (
+    DTYPE_VARIANTS,
+    MODEL_CARD_NAME,
+    MODEL_INDEX_NAME,
+    SAMPLE_GRID_NAME,
+    SCHEDULER_CONFIG_NAME,
+    SCHEDULER_FOLDER,
+    UNET_CONFIG_NAME,
+    UNET_FOLDER,
+    model_index_json,
+    scheduler_config_json,
+    unet_config_json,
+    validate_state_dict,
+    weights_name,
+)
 from .files import atomic_write_dir, commit_file, write_json, write_safetensors
+from .hub import scrub_tokens
 
 logger = logging.getLogger(__name__)
-
-DIFFUSERS_VERSION = "0.33.0"
-MODEL_INDEX_NAME = "model_index.json"
-UNET_FOLDER = "unet"
-SCHEDULER_FOLDER = "scheduler"
-UNET_CONFIG_NAME = "config.json"
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
-WEIGHTS_STEM = "diffusion_pytorch_model"
-MODEL_CARD_NAME = "README.md"
-SAMPLE_GRID_NAME = "samples.png"
-# What an exported pipeline consists of, as upload patterns: never checkpoints, logs or optimizer state.
-PIPELINE_PATTERNS = [MODEL_INDEX_NAME, f"{UNET_FOLDER}/*", f"{SCHEDULER_FOLDER}/*", MODEL_CARD_NAME, SAMPLE_GRID_NAME]
-# Weight dtypes and the diffusers ``variant`` naming their file (``from_pretrained(..., variant="fp16")``).
-DTYPE_VARIANTS: dict[torch.dtype, str | None] = {torch.float32: None, torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-# UNet2DModel keys our UNet does not model, at the only values it implements.
-_UNET_FIXED_KEYS: dict[str, Any] = {
-    "time_embedding_type": "positional",
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "num_train_timesteps": None,
-    "downsample_type": "conv",
-    "upsample_type": "conv",
-    "mid_block_type": "UNetMidBlock2D",
-}
-# DDPMScheduler keys our schedule does not model: no custom betas, no dynamic thresholding (its two settings are
-# unused without it and are written at diffusers' defaults).
-_SCHEDULER_FIXED_KEYS: dict[str, Any] = {
-    "trained_betas": None,
-    "thresholding": False,
-    "dynamic_thresholding_ratio": 0.995,
-    "sample_max_value": 1.0,
-}
-# Hugging Face tokens and a --hub_token value in a command line, scrubbed from anything written into a model card.
-_TOKEN_PATTERNS = (re.compile(r"(--hub_token[= ]|--token[= ])\S+"), re.compile(r"\bhf_[A-Za-z0-9]{8,}"))
-
-
-def weights_name(variant: str | None = None) -> str:
-    """``diffusion_pytorch_model[.variant].safetensors``."""
-    return f"{WEIGHTS_STEM}.{variant}.safetensors" if variant else f"{WEIGHTS_STEM}.safetensors"
-
-
-def unet_config_json(config: UNetConfig) -> dict[str, Any]:
-    """The complete ``unet/config.json`` dict for ``config``."""
-    header = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION}
-    return {**header, **config.to_dict(), **_UNET_FIXED_KEYS}
-
-
-def scheduler_config_json(config: ScheduleConfig) -> dict[str, Any]:
-    """The complete ``scheduler/scheduler_config.json`` dict for ``config``."""
-    return {
-        "_class_name": "DDPMScheduler",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        **config.to_dict(),
-        **_SCHEDULER_FIXED_KEYS,
-    }
-
-
-def model_index_json() -> dict[str, Any]:
-    return {
-        "_class_name": "DDPMPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "unet": ["diffusers", "UNet2DModel"],
-    }
-
-
-def validate_state_dict(config: UNetConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Raise ValueError unless ``state_dict`` has exactly the tensors and shapes the UNet of ``config`` needs."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} tensor(s) the UNet config needs are missing, e.g. {missing[:5]}")
-    if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} tensor(s) the UNet config does not have, e.g. {unexpected[:5]}")
-    for key, shape in expected.items():
-        tensor = state_dict[key]
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise ValueError(f"{source}: {key!r} is not a floating-point tensor ({getattr(tensor, 'dtype', tensor)})")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{source}: tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(shape)}")
-
-
-def scrub_tokens(text: str) -> str:
-    """Replace anything that looks like a Hugging Face token (or follows --hub_token) with ``***``."""
-    text = _TOKEN_PATTERNS[0].sub(r"\1***", text)
-    return _TOKEN_PATTERNS[1].sub("***", text)
 
 
 def make_model_card(
@@ -149,55 +73,72 @@ def make_model_card(
     ``sample_grid`` is the grid's file name relative to the card. ``repo_id`` goes into the usage snippet
     (default: ``name``).
     """
+    body = [f"# {name}", "", "An unconditional image diffusion model (DDPM), trained with the `ddpm` toolkit.", ""]
+    if sample_grid:
+        body += [f"![Samples]({sample_grid})", ""]
+    body += _usage(repo_id or name, schedule_config.num_train_timesteps)
+    body += ["## Model", "", *_table(_model_rows(unet_config, schedule_config, num_parameters))]
+    body += _training_section(training_info or {})
+    return "\n".join(_card_metadata(base_model, dataset) + [""] + body) + "\n"
+
+
+def _card_metadata(base_model: str | None, dataset: str | None) -> list[str]:
+    """The YAML header the Hub reads: library, task, tags, and where the model came from."""
     header = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation", "tags:"]
     header += [f"- {tag}" for tag in ("pytorch", "diffusers", "unconditional-image-generation", "ddpm")]
     if base_model:
         header.append(f'base_model: "{scrub_tokens(base_model)}"')
     if dataset:
         header += ["datasets:", f'- "{scrub_tokens(dataset)}"']
-    header.append("---")
+    return header + ["---"]
 
-    c, s = unet_config, schedule_config
+
+def _usage(repo_id: str, num_inference_steps: int) -> list[str]:
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers import DDPMPipeline",
+        "",
+        f'pipeline = DDPMPipeline.from_pretrained("{repo_id}")',
+        f"image = pipeline(num_inference_steps={num_inference_steps}).images[0]",
+        'image.save("sample.png")',
+        "```",
+        "",
+    ]
+
+
+def _model_rows(c: UNetConfig, s: ScheduleConfig, num_parameters: int | None) -> list[tuple[str, Any]]:
     size = f"{c.sample_size}×{c.sample_size}, {c.in_channels} channel{'s' if c.in_channels > 1 else ''}"
-    rows = [("Image size", size)]
+    rows: list[tuple[str, Any]] = [("Image size", size)]
     if num_parameters is not None:
         rows.append(("Parameters", f"{num_parameters:,}"))
-    rows += [
+    return rows + [
         ("UNet widths", ", ".join(str(w) for w in c.block_out_channels) + f" ({c.layers_per_block} resnets/block)"),
         ("UNet blocks", ", ".join(c.down_block_types)),
         ("Noise schedule", f"{s.beta_schedule}, β {s.beta_start:g}→{s.beta_end:g}, T = {s.num_train_timesteps}"),
         ("Prediction", s.prediction_type),
         ("Sampler variance", s.variance_type + (f", x0 clipped to ±{s.clip_sample_range:g}" if s.clip_sample else "")),
     ]
-    body = [f"# {name}", "", "An unconditional image diffusion model (DDPM), trained with the `ddpm` toolkit.", ""]
-    if sample_grid:
-        body += [f"![Samples]({sample_grid})", ""]
-    body += [
-        "## Usage",
-        "",
-        "```python",
-        "from diffusers import DDPMPipeline",
-        "",
-        f'pipeline = DDPMPipeline.from_pretrained("{repo_id or name}")',
-        f"image = pipeline(num_inference_steps={s.num_train_timesteps}).images[0]",
-        'image.save("sample.png")',
-        "```",
-        "",
-        "## Model",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
-    ]
-    info = {k: v for k, v in (training_info or {}).items() if "token" not in k.lower() and v is not None}
+
+
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    """A two-column Markdown table without a heading."""
+    return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def _training_section(training_info: dict[str, Any]) -> list[str]:
+    """The command (a code block) and the other facts (a table), scrubbed; nothing when there is nothing to say."""
+    info = {k: v for k, v in training_info.items() if "token" not in k.lower() and v is not None}
     command = info.pop("command", None)
-    if info or command:
-        body += ["", "## Training", ""]
-        if command:
-            body += ["```bash", scrub_tokens(str(command)), "```", ""]
-        if info:
-            body += ["| | |", "|---|---|", *[f"| {k} | {scrub_tokens(str(v))} |" for k, v in info.items()]]
-    return "\n".join(header + [""] + body) + "\n"
+    if not info and not command:
+        return []
+    lines = ["", "## Training", ""]
+    if command:
+        lines += ["```bash", scrub_tokens(str(command)), "```", ""]
+    if info:
+        lines += _table([(k, scrub_tokens(str(v))) for k, v in info.items()])
+    return lines
 
 
 def _cast_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -283,17 +224,6 @@ def export_pipeline(
     return output_dir
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a training checkpoint, else the latest ``checkpoint-N`` inside it."""
-    path = Path(path)
-    if is_checkpoint(path):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: not a training checkpoint, and no checkpoint-N folder inside it")
-    return latest
-
-
 def export_checkpoint(
     checkpoint_or_run_dir: str | Path,
     output_dir: str | Path,
@@ -307,7 +237,7 @@ def export_checkpoint(
     """
     source = find_checkpoint(checkpoint_or_run_dir)
     unet_config, schedule_config, state_dict, config = load_checkpoint_model(source, use_ema=use_ema)
-    ema = use_ema and (source / EMA_NAME).is_file()
+    ema = model_weights_file(source, use_ema).name == EMA_NAME
     if use_ema and not ema:
         logger.info("%s has no EMA weights; exporting the live weights", source)
     run = config.get("run") if isinstance(config.get("run"), dict) else {}

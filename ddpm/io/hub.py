@@ -1,13 +1,14 @@
-"""Push an exported pipeline to the Hugging Face Hub.
+"""Push an exported pipeline to the Hugging Face Hub, and the token rules that go with it.
 
 ``create_repo(..., exist_ok=True)`` then ``upload_folder`` of the pipeline files only
-(:data:`ddpm.io.export.PIPELINE_PATTERNS`: never ``checkpoint-*``, logs or optimizer state unless other patterns are
-asked for). All network calls go through ``huggingface_hub.HfApi``, looked up at call time so tests can replace it.
+(:data:`ddpm.io.diffusers_format.PIPELINE_PATTERNS`: never ``checkpoint-*``, logs or optimizer state unless other
+patterns are asked for). All network calls go through ``huggingface_hub.HfApi``, looked up at call time so tests can
+replace it.
 
 The token comes from :func:`resolve_token`; it is handed to ``HfApi`` and nowhere else: never logged, never written
-into a file, and scrubbed from error messages. Every failure (no token, offline mode, network, permissions) raises
-:class:`HubError` with the reason, after which the local export is still complete and can be pushed again later
-with ``scripts/push_to_hub.py``.
+into a file, and scrubbed (:func:`scrub_tokens`) from error messages and model cards. Every failure (no token,
+offline mode, network, permissions) raises :class:`HubError` with the reason, after which the local export is still
+complete and can be pushed again later with ``scripts/push_to_hub.py``.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .export import MODEL_INDEX_NAME, PIPELINE_PATTERNS, scrub_tokens
+from .diffusers_format import MODEL_INDEX_NAME, PIPELINE_PATTERNS
 
 logger = logging.getLogger(__name__)
 
 # Leftovers of an interrupted export or checkpoint write; never uploaded, whatever the allow patterns.
 IGNORE_PATTERNS = [".tmp-*", ".old-*", "*/.tmp-*", "*/.old-*"]
-
-
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Hugging Face tokens and a --hub_token value in a command line, scrubbed from anything written or raised.
+_TOKEN_PATTERNS = (re.compile(r"(--hub_token[= ]|--token[= ])\S+"), re.compile(r"\bhf_[A-Za-z0-9]{8,}"))
 
 
 def is_hub_id(spec: str) -> bool:
@@ -42,6 +43,12 @@ def is_hub_id(spec: str) -> bool:
 def hub_id_or_none(spec: str | None) -> str | None:
     """``spec`` when it names a Hub repo (for model-card metadata), else None (local paths, built-in data)."""
     return spec if spec is not None and is_hub_id(spec) else None
+
+
+def scrub_tokens(text: str) -> str:
+    """Replace anything that looks like a Hugging Face token (or follows --hub_token) with ``***``."""
+    text = _TOKEN_PATTERNS[0].sub(r"\1***", text)
+    return _TOKEN_PATTERNS[1].sub("***", text)
 
 
 class HubError(RuntimeError):

@@ -25,24 +25,13 @@ Tensors keep their stored dtype. Old attention names (``query/key/value/proj_att
 attention weights squeezed to the linear weights they are; the result must then match the config exactly, or the
 error names the tensor.
 
-Old configs. A key missing from a ``unet/config.json`` takes the default of the diffusers version that wrote the
-file (:data:`LEGACY_UNET_DEFAULTS`), not today's. Research (huggingface/diffusers history): every ``UNet2DModel``
-since the class appeared (the 0.0.4 development version that converted google/ddpm-*, then 0.1.0 to today) has had
-the same defaults for the keys that change the maths of an old model: ``flip_sin_to_cos=True``, ``freq_shift=0``,
-``downsample_padding=1``, ``attention_head_dim=8``, ``norm_eps=1e-5``; and ``register_to_config`` always wrote
-every ``__init__`` argument, so the google/ddpm-* configs (``_diffusers_version`` 0.0.4) carry these five keys
-explicitly (``false, 1, 0, null, 1e-6``). Keys added later (``add_attention``, ``resnet_time_scale_shift``,
-``dropout``, ``attn_norm_num_groups``, ``time_embedding_dim``, ``downsample_type``...) default to the behaviour the
-older versions had hard-coded. The pre-0.1 class ``UNetUnconditionalModel`` used other keys and is refused. Early
-``DDPMScheduler`` configs carry ``tensor_format`` (dropped: numpy or torch arrays, same maths), ``timestep_values``
-(must be null) or ``predict_epsilon`` (0.7-0.9; mapped to ``prediction_type`` as diffusers does); its later keys
-default to what early versions did (epsilon, "leading" spacing, offset 0, clip range 1).
+Old configs (keys missing from early ``UNet2DModel`` and ``DDPMScheduler`` releases, renamed scheduler keys) are read
+by the rules of :mod:`ddpm.io.diffusers_format`, whose docstring gives the research behind them.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -53,36 +42,26 @@ from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundErr
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNetConfig
 from .checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint_model
-from .export import (
+from .diffusers_format import (
+    EMA_UNET_FOLDER,
     MODEL_INDEX_NAME,
     SCHEDULER_CONFIG_NAME,
+    SCHEDULER_CONFIG_PATHS,
     SCHEDULER_FOLDER,
     UNET_CONFIG_NAME,
+    UNET_CONFIG_PATHS,
     UNET_FOLDER,
     WEIGHTS_STEM,
+    check_model_index,
+    convert_legacy_state_dict,
+    schedule_config_from_diffusers,
+    unet_config_from_diffusers,
     validate_state_dict,
 )
 from .files import read_json, read_safetensors, read_torch_state
 from .hub import is_hub_id
 
 logger = logging.getLogger(__name__)
-
-# Defaults of the diffusers versions that wrote UNet2DModel configs, for the keys that matter (see module docstring).
-LEGACY_UNET_DEFAULTS: dict[str, Any] = {
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "attention_head_dim": 8,
-    "norm_eps": 1e-5,
-}
-# Counters EMAModel.save_pretrained adds to a UNet config (train_unconditional's unet_ema/); not model settings.
-EMA_CONFIG_KEYS = frozenset(
-    {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
-)
-LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-_ATTENTION_LINEAR = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-_EMA_UNET_FOLDER = "unet_ema"
 
 
 def load_model(
@@ -121,7 +100,7 @@ def _load_local(path: Path, use_ema: bool) -> tuple[UNetConfig, ScheduleConfig, 
             raise ValueError(
                 f"{path}: unet/ and scheduler/ but no {MODEL_INDEX_NAME}: an interrupted export? Export it again"
             )
-        ema = path / _EMA_UNET_FOLDER
+        ema = path / EMA_UNET_FOLDER
         unet_config, state_dict = load_unet_folder(
             ema if use_ema and (ema / UNET_CONFIG_NAME).is_file() else path / UNET_FOLDER
         )
@@ -152,11 +131,7 @@ def _default_schedule(path: Path) -> ScheduleConfig:
 def load_pipeline_folder(path: Path) -> tuple[UNetConfig, ScheduleConfig, dict[str, torch.Tensor]]:
     """A diffusers DDPM pipeline folder (``unet/`` + ``scheduler/`` subfolders, or the early flat layout)."""
     index_path = path / MODEL_INDEX_NAME
-    index = read_json(index_path)
-    for component, expected in (("unet", "UNet2DModel"), ("scheduler", "DDPMScheduler")):
-        entry = index.get(component)
-        if entry is not None and (not isinstance(entry, list) or entry[-1] != expected):
-            raise ValueError(f"{index_path}: {component}={entry!r} is not supported (expected {expected})")
+    check_model_index(read_json(index_path), str(index_path))
     flat = not (path / UNET_FOLDER).is_dir() and (path / UNET_CONFIG_NAME).is_file()
     unet_folder = path if flat else path / UNET_FOLDER
     scheduler_config = path / SCHEDULER_CONFIG_NAME if flat else path / SCHEDULER_FOLDER / SCHEDULER_CONFIG_NAME
@@ -178,10 +153,9 @@ def read_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> t
     ``unet/config.json``, or a Hub model id (only the config is downloaded)."""
     path = Path(spec)
     if path.is_dir():
-        candidates = [path / UNET_CONFIG_NAME, path / UNET_FOLDER / UNET_CONFIG_NAME]
-        found = next((p for p in candidates if p.is_file()), None)
+        found = next((path / name for name in UNET_CONFIG_PATHS if (path / name).is_file()), None)
         if found is None:
-            raise ValueError(f"{spec!r}: no {UNET_CONFIG_NAME} or {UNET_FOLDER}/{UNET_CONFIG_NAME} in it")
+            raise ValueError(f"{spec!r}: no {' or '.join(UNET_CONFIG_PATHS)} in it")
         path = found
     elif not path.exists():
         if not is_hub_id(str(spec)):
@@ -192,7 +166,7 @@ def read_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> t
 
 def _download_unet_config(repo_id: str, cache_dir: str | Path | None) -> Path:
     errors = []
-    for name in (UNET_CONFIG_NAME, f"{UNET_FOLDER}/{UNET_CONFIG_NAME}"):
+    for name in UNET_CONFIG_PATHS:
         try:
             return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir))
         except Exception as e:  # not found, offline, no network: try the next layout, then report all
@@ -204,38 +178,6 @@ def load_unet_config(spec: str | Path, cache_dir: str | Path | None = None) -> U
     """The :class:`UNetConfig` of :func:`read_unet_config`'s source, validated; errors name the file."""
     path, values = read_unet_config(spec, cache_dir)
     return unet_config_from_diffusers(values, str(path))
-
-
-def unet_config_from_diffusers(config: dict[str, Any], source: str) -> UNetConfig:
-    """A ``UNetConfig`` from a diffusers UNet2DModel config dict; missing keys from :data:`LEGACY_UNET_DEFAULTS`."""
-    class_name = config.get("_class_name", "UNet2DModel")
-    if class_name != "UNet2DModel":
-        raise ValueError(f"{source}: _class_name={class_name!r} is not supported (expected 'UNet2DModel')")
-    if "sample_size" not in config:
-        raise ValueError(f"{source}: no sample_size key (the image size DDPMPipeline samples at)")
-    config = {k: v for k, v in config.items() if k not in EMA_CONFIG_KEYS}
-    try:
-        return UNetConfig.from_dict({**LEGACY_UNET_DEFAULTS, **config})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from e
-
-
-def schedule_config_from_diffusers(config: dict[str, Any], source: str) -> ScheduleConfig:
-    """A ``ScheduleConfig`` from a diffusers DDPMScheduler config dict, with the early releases' keys translated."""
-    class_name = config.get("_class_name", "DDPMScheduler")
-    if class_name != "DDPMScheduler":
-        raise ValueError(f"{source}: _class_name={class_name!r} is not supported (expected 'DDPMScheduler')")
-    config = dict(config)
-    config.pop("tensor_format", None)
-    if config.pop("timestep_values", None) is not None:
-        raise ValueError(f"{source}: custom timestep_values are not supported")
-    predict_epsilon = config.pop("predict_epsilon", None)
-    if predict_epsilon is not None and "prediction_type" not in config:
-        config["prediction_type"] = "epsilon" if predict_epsilon else "sample"
-    try:
-        return ScheduleConfig.from_dict(config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from e
 
 
 def read_unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -280,31 +222,9 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     return {k: tensors[k] for k in weight_map}
 
 
-def convert_legacy_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename old attention parameters (``query`` -> ``to_q`` ...) and squeeze 1x1-conv attention weights to 2-D."""
-    out = {}
-    for key, tensor in state_dict.items():
-        match = _LEGACY_ATTENTION_KEY.match(key)
-        if match:
-            prefix, old, kind = match.groups()
-            key = f"{prefix}.{LEGACY_ATTENTION_NAMES[old]}.{kind}"
-        if _ATTENTION_LINEAR.search(key) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
-            tensor = tensor[:, :, 0, 0]
-        if key in out:
-            raise ValueError(f"tensor {key!r} appears under both its old and its new name")
-        out[key] = tensor
-    return out
-
-
 def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch the configs and one set of UNet weights of a Hub model (safetensors if it has them, else ``.bin``)."""
-    configs = [
-        MODEL_INDEX_NAME,
-        UNET_CONFIG_NAME,
-        SCHEDULER_CONFIG_NAME,
-        f"{UNET_FOLDER}/{UNET_CONFIG_NAME}",
-        f"{SCHEDULER_FOLDER}/{SCHEDULER_CONFIG_NAME}",
-    ]
+    configs = [MODEL_INDEX_NAME, *UNET_CONFIG_PATHS, *SCHEDULER_CONFIG_PATHS]
 
     def weights(suffix: str) -> list[str]:
         names = [f"{WEIGHTS_STEM}.{suffix}", f"{WEIGHTS_STEM}.{suffix}.index.json", f"{WEIGHTS_STEM}-*.{suffix}"]

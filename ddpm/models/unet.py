@@ -3,7 +3,8 @@
 Every parameter has exactly the name it has in a diffusers state dict (``down_blocks.1.attentions.0.to_q.weight``
 ...), so weights move between the two without a rename table. Only the configurations of ``UNet2DModel`` built from
 ``DownBlock2D``, ``AttnDownBlock2D``, ``UNetMidBlock2D``, ``UpBlock2D`` and ``AttnUpBlock2D`` with positional time
-embeddings are implemented; anything else is refused by :class:`UNetConfig` with the offending key named.
+embeddings are implemented; anything else is refused with the offending key named (by :class:`UNetConfig`, or for
+the ``UNet2DModel`` options it does not model, by ``ddpm.io.diffusers_format``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,6 @@ from torch.utils.checkpoint import checkpoint
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
-
-# diffusers config keys that do not change the maths when they hold these values; other values are refused.
-_ACCEPTED_FIXED_KEYS: dict[str, tuple[Any, ...]] = {
-    "time_embedding_type": ("positional",),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "num_train_timesteps": (None,),  # only used by learned time embeddings
-    "downsample_type": ("conv",),
-    "upsample_type": ("conv",),
-    "mid_block_type": ("UNetMidBlock2D",),
-}
 
 
 @dataclass
@@ -129,25 +119,16 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> UNetConfig:
-        """Build from our own dict or from a diffusers ``unet/config.json`` dict.
+        """Build from :meth:`to_dict`'s form; a key that is not a field is refused by name.
 
-        Keys starting with ``_`` are ignored; diffusers keys this UNet does not implement are accepted only at the
-        values that leave the maths unchanged (``time_embedding_type="positional"``, ``class_embed_type=None``...).
+        A diffusers ``config.json`` (private ``_`` keys, options this UNet does not model) is read by
+        ``ddpm.io.diffusers_format.unet_config_from_diffusers``.
         """
         names = {f.name for f in fields(cls)}
-        kwargs = {}
         for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key in names:
-                kwargs[key] = value
-            elif key in _ACCEPTED_FIXED_KEYS:
-                allowed = _ACCEPTED_FIXED_KEYS[key]
-                if value not in allowed:
-                    raise ValueError(f"UNet config key {key!r}={value!r} is not supported; supported: {list(allowed)}")
-            else:
+            if key not in names:
                 raise ValueError(f"unknown UNet config key {key!r} (value {value!r})")
-        return cls(**kwargs)
+        return cls(**config)
 
     def to_dict(self) -> dict[str, Any]:
         """Our fields as a JSON-friendly dict (lists, not tuples)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.export import scrub_tokens
+from ..io.hub import scrub_tokens
 from ..models.ema import EMA
 from ..models.unet import UNet
 from ..runtime.distributed import (

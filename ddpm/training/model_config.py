@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..diffusion.schedule import ScheduleConfig
-from ..io.pretrained import load_model, read_unet_config, unet_config_from_diffusers
+from ..io.diffusers_format import unet_config_from_diffusers
+from ..io.pretrained import load_model, read_unet_config
 from ..models.unet import UNetConfig
 from .config import DEFAULT_UNET, TrainConfig
 
