@@ -13,9 +13,10 @@ import torch
 from helpers import load_script
 
 from ddpm import UNet, UNetConfig
+from ddpm.evaluation import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-benchmark = load_script("benchmark")
+script = load_script("benchmark")
 
 CPU = torch.device("cpu")
 # Two resolutions, attention with two heads, scale-shift off: every block kind of the UNet in a second of CPU.
@@ -38,7 +39,7 @@ def _finite_positive(x):
 
 def test_quick_run_writes_well_formed_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    document = benchmark.main(["--quick", "--device", "cpu", "--json", str(out), "--json_only"])
+    document = script.main(["--quick", "--device", "cpu", "--json", str(out), "--json_only"])
     assert json.loads(out.read_text()) == document
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == document  # the last line printed
     assert document["device"] == "cpu" and document["quick"] is True
@@ -83,7 +84,7 @@ def test_bad_variants_are_refused(spec):
 
 def test_bad_config_is_refused_with_its_name(capsys):
     with pytest.raises(SystemExit):
-        benchmark.main(["--quick", "--config", "no-such-model"])
+        script.main(["--quick", "--config", "no-such-model"])
     assert "no-such-model" in capsys.readouterr().err
 
 
@@ -178,8 +179,8 @@ def test_compile_inductor_keeps_the_sampling_output():
 
 
 def test_e2e_is_skipped_without_train_script(monkeypatch, tmp_path):
-    monkeypatch.setattr(benchmark, "TRAIN_SCRIPT", tmp_path / "missing.py")
-    document = benchmark.main(["--quick", "--variants", "ours+fused", "--no_memory", "--e2e", "--json_only"])
+    monkeypatch.setattr(script, "TRAIN_SCRIPT", tmp_path / "missing.py")
+    document = script.main(["--quick", "--variants", "ours+fused", "--no_memory", "--e2e", "--json_only"])
     assert "not found" in document["results"][0]["e2e"]["skipped"]
 
 
@@ -187,7 +188,7 @@ def test_e2e_is_skipped_without_train_script(monkeypatch, tmp_path):
 def test_e2e_runs_train_script(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    document = benchmark.main(
+    document = script.main(
         ["--quick", "--config", str(config), "--variants", "ours+fused", "--no_memory", "--e2e", "--json_only"]
     )
     e2e = document["results"][0]["e2e"]
@@ -198,7 +199,7 @@ def test_e2e_runs_train_script(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_run_on_cuda_reports_mfu_and_memory():
-    document = benchmark.main(["--quick", "--device", "cuda", "--variants", "ours,ours+fused", "--json_only"])
+    document = script.main(["--quick", "--device", "cuda", "--variants", "ours,ours+fused", "--json_only"])
     for row in document["results"][0]["rows"]:
         for phase in ("train", "sample"):
             assert _finite_positive(row[phase]["peak_mem_mb"])
