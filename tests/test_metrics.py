@@ -26,13 +26,13 @@ from ddpm.evaluation.inception import (
     find_inception_weights,
     load_inception,
 )
+from ddpm.evaluation.inception_weights import ARCHIVE_COPY_NAME, load_archive, max_feature_difference
 from ddpm.evaluation.metrics import FeatureStats, compute_features, frechet_distance, load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 evaluate_script = load_script("evaluate")
-fetch_script = load_script("fetch_inception_weights")
 
 
 def _real_weights_path() -> Path:
@@ -275,12 +275,12 @@ def test_evaluate_script_identical_sets_and_stats_only(random_weights, small_inp
 
 @needs_real_weights
 def test_real_weights_match_the_torchscript_extractor():
-    archive = _real_weights_path().parent / fetch_script.ARCHIVE_COPY_NAME
+    archive = _real_weights_path().parent / ARCHIVE_COPY_NAME
     if not archive.is_file():
         pytest.skip(f"no TorchScript extractor at {archive} (fetch_inception_weights.py --keep_archive)")
     model = load_inception(_real_weights_path())
     assert model.fc is None  # the converted extractor has no classifier
-    assert fetch_script.max_feature_difference(model, fetch_script.load_archive(archive), num_images=2) <= 1e-4
+    assert max_feature_difference(model, load_archive(archive), num_images=2) <= 1e-4
 
 
 @needs_real_weights
