@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from ddpm.io.export import export_pipeline, make_model_card
+from ddpm.io.hub import is_hub_id
 from ddpm.io.pretrained import load_model
 
 
@@ -33,13 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         unet_config, schedule_config, state_dict = load_model(args.model, not args.no_ema, args.cache_dir)
-        is_hub_id = not Path(args.model).exists()
         card = make_model_card(
             unet_config,
             schedule_config,
             name=Path(args.output_dir).resolve().name,
             num_parameters=sum(t.numel() for t in state_dict.values()),
-            base_model=args.model if is_hub_id else None,
+            base_model=args.model if is_hub_id(args.model) else None,
             training_info={"Imported from": args.model},
         )
         out = export_pipeline(unet_config, schedule_config, state_dict, args.output_dir, model_card=card)

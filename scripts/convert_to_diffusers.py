@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
 from ddpm.io.export import export_checkpoint
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ddpm.runtime.precision import DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

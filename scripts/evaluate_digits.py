@@ -1,4 +1,4 @@
-"""Score generated digits with a small digit classifier (built-in digits dataset only; see ddpm/digits_eval.py).
+"""Score generated digits with a small digit classifier (built-in digits dataset only; see ddpm/evaluation/digits.py).
 
     python scripts/sample.py --model outputs/quickstart --output_dir outputs/quickstart/eval --num_images 512 \\
         --sampler ddim --save_npz
@@ -17,9 +17,6 @@ import json
 import logging
 import math
 import sys
-from pathlib import Path
-
-import numpy as np
 
 from ddpm.evaluation.digits import (
     CONFIDENCE_THRESHOLD,
@@ -28,6 +25,7 @@ from ddpm.evaluation.digits import (
     classifier_accuracy,
     evaluate_digits,
     load_classifier,
+    read_samples,
     real_floor,
 )
 
@@ -54,20 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_images is not None and args.num_images < 2:
         parser.error(f"--num_images must be >= 2, got {args.num_images}")
     return args
-
-
-def read_samples(source: str, num_images: int | None = None) -> np.ndarray:
-    """uint8 [N, H, W, 3] images of an image folder or a .npz (as ``scripts/evaluate.py`` reads them)."""
-    from ddpm.evaluation.metrics import FeatureStats, ImageFolderSource, load_source
-
-    dataset = ImageFolderSource(source) if Path(source).is_dir() else load_source(source)
-    if isinstance(dataset, FeatureStats):
-        raise ValueError(f"{source}: a statistics file holds no images; give the samples themselves")
-    n = len(dataset) if num_images is None else min(num_images, len(dataset))
-    images = [dataset[i] for i in range(n)]
-    if len({image.shape for image in images}) > 1:
-        raise ValueError(f"{source}: the images have different sizes: {sorted({image.shape for image in images})}")
-    return np.stack(images)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,38 +17,16 @@ are split across the ranks (a shared --output_dir is needed on several nodes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from ddpm.diffusion.samplers import inference_timesteps
-from ddpm.diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
-from ddpm.evaluation.generate import (
-    GRID_NAME,
-    IMAGES_FOLDER,
-    NPZ_NAME,
-    SAMPLERS,
-    SETTINGS_NAME,
-    Autocast,
-    check_settings,
-    generate_images,
-    pending_indices,
-    weights_digest,
-    write_grid,
-    write_npz,
-    write_settings,
-)
-from ddpm.io.pretrained import load_model
-from ddpm.models.unet import UNet
-from ddpm.runtime.distributed import DistributedContext, barrier, init_distributed, shutdown
-
-MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ddpm.diffusion.schedule import TIMESTEP_SPACINGS
+from ddpm.evaluation.generate import NPZ_NAME, SAMPLERS
+from ddpm.evaluation.sampling_run import SamplingOptions, prepare_sampling, sample_to_folder
+from ddpm.runtime.distributed import init_distributed, shutdown
+from ddpm.runtime.precision import MIXED_PRECISION
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> SamplingOptions:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder, run folder, diffusers folder or Hub id")
     parser.add_argument("--output_dir", required=True, help="where the images go (reused to resume)")
@@ -79,97 +57,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
     args.eta = args.eta or 0.0
-    return args
-
-
-def build_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, NoiseSchedule, dict]:
-    """The network (on ``device``, wrapped for --compile / --mixed_precision), its schedule and the run settings."""
-    unet_config, schedule_config, state_dict = load_model(args.model, use_ema=not args.no_ema, cache_dir=args.cache_dir)
-    if unet_config.in_channels not in (1, 3, 4):
-        raise ValueError(f"{args.model}: the model makes {unet_config.in_channels}-channel images; PNG needs 1, 3 or 4")
-    if args.timestep_spacing is not None:
-        schedule_config = dataclasses.replace(schedule_config, timestep_spacing=args.timestep_spacing)
-    num_steps = args.num_inference_steps or (schedule_config.num_train_timesteps if args.sampler == "ddpm" else 50)
-    try:
-        inference_timesteps(schedule_config, num_steps)
-    except ValueError as e:
-        raise ValueError(f"--num_inference_steps: {e}") from None
-    unet = UNet(unet_config)
-    unet.load_state_dict(state_dict)
-    unet.requires_grad_(False).eval().to(device)
-    model: torch.nn.Module = torch.compile(unet) if args.compile else unet
-    dtype = MIXED_PRECISION[args.mixed_precision]
-    if dtype is not None:
-        model = Autocast(model, dtype, config=unet_config)
-    # Everything that changes the images (and only that): a resumed run must match it.
-    settings = {
-        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
-        "weights_sha256": weights_digest(state_dict),
-        "unet": unet_config.to_dict(),
-        "schedule": schedule_config.to_dict(),
-        "sampler": args.sampler,
-        "num_inference_steps": num_steps,
-        "eta": args.eta,
-        "seed": args.seed,
-        "mixed_precision": args.mixed_precision,
-    }
-    return model, NoiseSchedule(schedule_config), settings
+    return SamplingOptions(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    options = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(options.device)
     try:
-        run(args, ctx)
+        try:
+            prepared = prepare_sampling(options, ctx.device)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from e
+        summary = sample_to_folder(options, prepared, ctx)
+        if summary is not None:
+            print(summary)
     finally:
         shutdown(ctx)
-
-
-def run(args: argparse.Namespace, ctx: DistributedContext) -> None:
-    """Sample this rank's share of the missing images; rank 0 then writes the grid and the .npz."""
-    output_dir = Path(args.output_dir)
-    images_dir = output_dir / IMAGES_FOLDER
-    try:
-        model, schedule, settings = build_model(args, ctx.device)
-        check_settings(output_dir / SETTINGS_NAME, settings)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
-    images_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main and not (output_dir / SETTINGS_NAME).is_file():
-        write_settings(output_dir / SETTINGS_NAME, settings)
-    pending = pending_indices(images_dir, args.num_images)
-    barrier(ctx)  # every rank has listed the folder before any writes to it, so all agree on `pending`
-    mine = pending[ctx.rank :: ctx.world_size]
-
-    bar = tqdm(total=len(pending), unit="img", desc="sampling", disable=not ctx.is_main or not pending)
-
-    def on_batch(n: int) -> None:
-        # Round-robin shards advance in step, so rank 0's progress times the world size is everyone's.
-        if ctx.is_main:
-            bar.update(min(n * ctx.world_size, len(pending) - bar.n))
-
-    with bar:
-        generate_images(
-            model,
-            schedule,
-            images_dir,
-            mine,
-            seed=args.seed,
-            sampler=args.sampler,
-            num_inference_steps=settings["num_inference_steps"],
-            eta=args.eta,
-            batch_size=args.batch_size,
-            on_batch=on_batch,
-        )
-    barrier(ctx)
-    if not ctx.is_main:
-        return
-    write_grid(images_dir, args.num_images, output_dir / GRID_NAME)
-    written = [f"{args.num_images} images in {images_dir} ({len(pending)} new)", f"grid {output_dir / GRID_NAME}"]
-    if args.save_npz:
-        written.append(f"array {write_npz(images_dir, args.num_images, output_dir / NPZ_NAME)}")
-    print("wrote " + "; ".join(written))
 
 
 if __name__ == "__main__":

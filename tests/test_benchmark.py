@@ -6,14 +6,17 @@ gradients, updated weights) with each lever against the plain eager path, from i
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import load_script
 
 from ddpm import UNet, UNetConfig
+from ddpm.evaluation import benchmark
 
-benchmark = load_script("benchmark")
+ROOT = Path(__file__).resolve().parents[1]
+script = load_script("benchmark")
 
 CPU = torch.device("cpu")
 # Two resolutions, attention with two heads, scale-shift off: every block kind of the UNet in a second of CPU.
@@ -36,7 +39,7 @@ def _finite_positive(x):
 
 def test_quick_run_writes_well_formed_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    document = benchmark.main(["--quick", "--device", "cpu", "--json", str(out), "--json_only"])
+    document = script.main(["--quick", "--device", "cpu", "--json", str(out), "--json_only"])
     assert json.loads(out.read_text()) == document
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == document  # the last line printed
     assert document["device"] == "cpu" and document["quick"] is True
@@ -44,8 +47,9 @@ def test_quick_run_writes_well_formed_json(tmp_path, capsys):
     assert result["config"] == "quickstart-digits-16" and result["dtype"] == "fp32" and result["batch_size"] == 2
     assert result["parameters"] == UNet(UNetConfig.from_dict(result["unet_config"])).num_parameters()
     assert result["gflop_per_image"]["train"] > 2 * result["gflop_per_image"]["sample"] > 0
+    names = [row["variant"] for row in result["rows"]]
     # diffusers is a test dependency: a quick run without its row is a failure, not a smaller table
-    assert [row["variant"] for row in result["rows"]] == ["diffusers", "ours", "ours+fused"]
+    assert names == ["diffusers", "ours", "ours+fused"]
     for row in result["rows"]:
         for phase in ("train", "sample"):
             figures = row[phase]
@@ -79,7 +83,7 @@ def test_bad_variants_are_refused(spec):
 
 def test_bad_config_is_refused_with_its_name(capsys):
     with pytest.raises(SystemExit):
-        benchmark.main(["--quick", "--config", "no-such-model"])
+        script.main(["--quick", "--config", "no-such-model"])
     assert "no-such-model" in capsys.readouterr().err
 
 
@@ -106,7 +110,8 @@ def _one_step(spec: str, config: dict = TINY):
     """Sampling output, then one training step: its gradients (before the update) and updated weights."""
     weights = benchmark.initial_weights(config)
     inputs = benchmark.make_inputs(config, 3, CPU)
-    runner = benchmark.Runner(benchmark.Variant.parse(spec), config, weights, inputs, CPU, "fp32", 1.0)
+    variant = benchmark.Variant.parse(spec)
+    runner = benchmark.Runner(variant, config, weights, inputs, CPU, "fp32", 1.0, script.diffusers_reference())
     runner.set_phase("sample")
     sample = runner.sample_step().contiguous()
     runner.set_phase("train")
@@ -178,15 +183,15 @@ def test_compile_inductor_keeps_the_sampling_output():
 
 
 def test_e2e_is_skipped_without_train_script(monkeypatch, tmp_path):
-    monkeypatch.setattr(benchmark, "TRAIN_SCRIPT", tmp_path / "missing.py")
-    document = benchmark.main(["--quick", "--variants", "ours+fused", "--no_memory", "--e2e", "--json_only"])
+    monkeypatch.setattr(script, "TRAIN_SCRIPT", tmp_path / "missing.py")
+    document = script.main(["--quick", "--variants", "ours+fused", "--no_memory", "--e2e", "--json_only"])
     assert "not found" in document["results"][0]["e2e"]["skipped"]
 
 
 def test_e2e_runs_train_script(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    document = benchmark.main(
+    document = script.main(
         ["--quick", "--config", str(config), "--variants", "ours+fused", "--no_memory", "--e2e", "--json_only"]
     )
     e2e = document["results"][0]["e2e"]
@@ -197,7 +202,7 @@ def test_e2e_runs_train_script(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_run_on_cuda_reports_mfu_and_memory():
-    document = benchmark.main(["--quick", "--device", "cuda", "--variants", "ours,ours+fused", "--json_only"])
+    document = script.main(["--quick", "--device", "cuda", "--variants", "ours,ours+fused", "--json_only"])
     for row in document["results"][0]["rows"]:
         for phase in ("train", "sample"):
             assert _finite_positive(row[phase]["peak_mem_mb"])

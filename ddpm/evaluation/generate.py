@@ -31,7 +31,7 @@ from torch import nn
 
 from ..diffusion.samplers import ddim_sample, ddpm_sample
 from ..diffusion.schedule import NoiseSchedule
-from ..io.files import read_json, write_json
+from ..io.files import atomic_write_file, read_json, write_json
 from ..io.images import read_png, save_grid, save_png, to_uint8
 
 SAMPLERS = ("ddpm", "ddim")
@@ -168,14 +168,13 @@ def write_npz(images_dir: str | Path, num_images: int, path: str | Path) -> Path
     images = iter_images(images_dir, num_images)
     first = next(images)
     header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, *first.shape)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("images.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            f.write(first.tobytes())
-            for image in images:
-                f.write(image.tobytes())
-    os.replace(tmp, path)
+    with atomic_write_file(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("images.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                f.write(first.tobytes())
+                for image in images:
+                    f.write(image.tobytes())
     return path
 
 
@@ -210,7 +209,5 @@ def check_settings(path: str | Path, settings: dict[str, Any]) -> None:
 
 def write_settings(path: str | Path, settings: dict[str, Any]) -> None:
     """Write ``sampling.json`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(settings, tmp)
-    os.replace(tmp, path)
+    with atomic_write_file(path) as tmp:
+        write_json(settings, tmp)

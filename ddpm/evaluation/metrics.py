@@ -363,6 +363,16 @@ def compute_features(
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
+def _statistics(
+    source: Dataset | FeatureStats, desc: str, **kwargs: Any
+) -> tuple[FeatureStats, np.ndarray | None, np.ndarray | None]:
+    """A loaded source's statistics, with its features and logits when it holds images (None for statistics)."""
+    if isinstance(source, FeatureStats):
+        return source, None, None
+    features, logits = compute_features(source, desc=desc, **kwargs)
+    return FeatureStats.from_features(features), features, logits
+
+
 def evaluate(
     samples: str | os.PathLike | None,
     reference: str | os.PathLike,
@@ -382,15 +392,8 @@ def evaluate(
     cannot be computed (IS without a classifier or sample images, KID against statistics) or was turned off is None.
     ``save_stats`` writes the reference statistics (reusable as ``reference`` later); ``samples`` may then be None.
     """
-    device = next(model.parameters()).device
     kwargs = {"model": model, "batch_size": batch_size, "num_workers": num_workers, "progress": progress}
-    ref_source = load_source(reference)
-    ref_features = None
-    if isinstance(ref_source, FeatureStats):
-        ref_stats = ref_source
-    else:
-        ref_features, _ = compute_features(ref_source, desc="reference", **kwargs)
-        ref_stats = FeatureStats.from_features(ref_features)
+    ref_stats, ref_features, _ = _statistics(load_source(reference), "reference", **kwargs)
     if save_stats is not None:
         logger.info("saved reference statistics to %s", ref_stats.save(save_stats))
     result: dict[str, float | int | None] = dict.fromkeys(("fid", "is_mean", "is_std", "kid_mean", "kid_std"))
@@ -398,30 +401,32 @@ def evaluate(
     if samples is None:
         return result
 
-    sample_source = load_source(samples)
-    sample_features = sample_logits = None
-    if isinstance(sample_source, FeatureStats):
-        sample_stats = sample_source
-    else:
-        sample_features, sample_logits = compute_features(sample_source, desc="samples", **kwargs)
-        sample_stats = FeatureStats.from_features(sample_features)
+    sample_stats, sample_features, sample_logits = _statistics(load_source(samples), "samples", **kwargs)
     result["num_samples"] = sample_stats.num_images
     result["fid"] = frechet_distance(sample_stats.mu, sample_stats.sigma, ref_stats.mu, ref_stats.sigma)
-
     if compute_is:
-        if sample_features is None:
-            logger.warning("Inception Score skipped: the samples are statistics, not images")
-        elif sample_logits is None:
-            logger.warning("Inception Score skipped: the Inception weights have no classifier (fc) layer")
-        elif len(sample_logits) < IS_SPLITS:
-            logger.warning("Inception Score skipped: it needs at least %d samples", IS_SPLITS)
-        else:
-            result["is_mean"], result["is_std"] = inception_score(sample_logits)
+        result["is_mean"], result["is_std"] = _inception_score_if_possible(sample_features, sample_logits)
     if compute_kid:
         if sample_features is None or ref_features is None:
             logger.warning("KID skipped: it needs the features of both sets, not statistics")
         else:
+            device = next(model.parameters()).device
             result["kid_mean"], result["kid_std"] = kernel_inception_distance(
                 sample_features, ref_features, subset_size=kid_subset_size, device=device
             )
     return result
+
+
+def _inception_score_if_possible(
+    features: np.ndarray | None, logits: np.ndarray | None
+) -> tuple[float | None, float | None]:
+    """The samples' Inception Score, or (None, None) with a warning saying why it cannot be computed."""
+    if features is None:
+        logger.warning("Inception Score skipped: the samples are statistics, not images")
+    elif logits is None:
+        logger.warning("Inception Score skipped: the Inception weights have no classifier (fc) layer")
+    elif len(logits) < IS_SPLITS:
+        logger.warning("Inception Score skipped: it needs at least %d samples", IS_SPLITS)
+    else:
+        return inception_score(logits)
+    return None, None
