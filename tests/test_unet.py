@@ -75,7 +75,7 @@ def test_dropout_sits_where_diffusers_puts_it(monkeypatch):
     monkeypatch.setattr(torch.nn.Dropout, "forward", _dropout_in_logical_order)
     torch.manual_seed(0)
     reference = diffusers.UNet2DModel(**SCALE_SHIFT_DROPOUT).train()
-    ours = UNet(UNetConfig.from_dict(dict(reference.config))).train()
+    ours = UNet(unet_config_from_diffusers(dict(reference.config))).train()
     ours.load_state_dict(reference.state_dict(), strict=True)
     cfg = reference.config
     x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..data.datasets import load_builtin_dataset
 from ..data.transforms import ImageTransform
-from ..io.files import read_safetensors, write_safetensors
+from ..io.files import atomic_write_file, read_safetensors, write_safetensors
 from .metrics import FeatureStats, ImageFolderSource, frechet_distance, load_source
 
 logger = logging.getLogger(__name__)
@@ -226,10 +226,8 @@ def load_classifier(cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR, ret
         model = train_classifier()
         if path is not None:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                write_safetensors(model.state_dict(), tmp)
-                os.replace(tmp, path)
+                with atomic_write_file(path, shared=True) as tmp:  # shared: processes may train it at once
+                    write_safetensors(model.state_dict(), tmp)
             except OSError as e:
                 logger.warning("Could not cache the digit classifier in %s: %s", path, e)
     _classifiers[key] = model

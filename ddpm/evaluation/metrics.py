@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..io.files import atomic_write_file
 from .inception import FIDInceptionV3
 
 logger = logging.getLogger(__name__)
@@ -82,15 +83,9 @@ class FeatureStats:
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"statistics file name must end in .npz, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name without it
-                np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # shared: every rank of a run may cache the same reference statistics
+        with atomic_write_file(path, shared=True) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))  # np.savez(name) adds .npz
         return path
 
     @classmethod

@@ -46,15 +46,16 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_write_file(final_path: str | Path) -> Iterator[Path]:
+def atomic_write_file(final_path: str | Path, shared: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final_path`` to write; on success it is flushed and renamed over ``final_path``,
     on error removed. A file that exists under its final name is therefore always complete.
 
-    One process writes a given path, so the temporary name is fixed: a rerun after a kill mid-write overwrites the
-    leftover instead of adding another."""
+    When one process writes a given path, the temporary name is fixed: a rerun after a kill mid-write overwrites the
+    leftover instead of adding another. ``shared=True`` is for a file several processes may write at once (a cache
+    the ranks of a run fill alike): each writes a temporary file of its own, and the last rename wins."""
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_path.with_name(f".{final_path.name}.tmp")
+    tmp = final_path.with_name(f".{final_path.name}.tmp" + (f"-{os.getpid()}" if shared else ""))
     try:
         yield tmp
         commit_file(tmp, final_path)
