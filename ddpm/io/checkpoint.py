@@ -298,3 +298,35 @@ def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
     for stale in found:
         shutil.rmtree(stale, ignore_errors=True)
     return found
+
+
+# ---------------------------------------------------------------------------------------------------- comparison
+
+# The training_state entries that say where a run stands in its data stream; checkpoint_differences compares them.
+TRAINING_POSITION_KEYS = ("global_step", "epoch", "step_in_epoch", "samples_seen", "skipped_steps")
+
+
+def checkpoint_differences(a: str | Path, b: str | Path) -> list[str]:
+    """What differs between two training checkpoints; empty when they hold bit-equal live weights, EMA weights,
+    optimizer state and data position (:data:`TRAINING_POSITION_KEYS`).
+
+    Each entry names one thing: ``model.<key>`` / ``ema.<key>`` (a tensor), ``optimizer.<param>.<key>``, a position
+    key, or ``<what>: different keys`` / ``ema: only in one`` / ``optimizer: different parameters``.
+    """
+    ca, cb = load_training_checkpoint(a), load_training_checkpoint(b)
+    differences: list[str] = []
+    for what, ta, tb in (("model", ca.model_state, cb.model_state), ("ema", ca.ema_state, cb.ema_state)):
+        if ta is None or tb is None:
+            differences += [f"{what}: only in one"] if (ta is None) != (tb is None) else []
+            continue
+        if ta.keys() != tb.keys():
+            differences.append(f"{what}: different keys")
+        differences += [f"{what}.{k}" for k in ta if k in tb and not torch.equal(ta[k], tb[k])]
+    sa, sb = ca.training_state["optimizer"]["state"], cb.training_state["optimizer"]["state"]
+    if sa.keys() != sb.keys():
+        differences.append("optimizer: different parameters")
+    differences += [
+        f"optimizer.{i}.{k}" for i in sa.keys() & sb.keys() for k in sa[i] if not torch.equal(sa[i][k], sb[i][k])
+    ]
+    differences += [k for k in TRAINING_POSITION_KEYS if ca.training_state.get(k) != cb.training_state.get(k)]
+    return differences
