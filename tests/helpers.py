@@ -18,6 +18,15 @@ from ddpm.io.checkpoint import CONFIG_NAME, EMA_NAME, FORMAT, MODEL_NAME, VERSIO
 from ddpm.io.files import atomic_write_dir, read_torch_state, write_json, write_safetensors
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+# The files of an exported diffusers pipeline; a push of a training run's folder also sends its last sample grid.
+EXPORT_FILES = {
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "README.md",
+}
+PUSHED_FILES = EXPORT_FILES | {"samples.png"}
 
 
 def load_script(name: str) -> ModuleType:

@@ -10,7 +10,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from helpers import load_script, write_model_checkpoint
+from helpers import EXPORT_FILES, load_script, write_model_checkpoint
 from safetensors import safe_open
 from unet_configs import CONFIG_DIR, TINY
 
@@ -52,13 +52,6 @@ CASES = {
 # Exported with real weights, written and loaded by diffusers; the two real configurations are exported as names and
 # shapes only (their configs and tensor names are what matters, not 600 MB of random weights).
 WRITTEN = ["tiny", "tiny_fixed_large"]
-PIPELINE_FILES = {
-    "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-    "README.md",
-}
 
 
 def _files(folder):
@@ -127,7 +120,7 @@ def exports(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_layout_and_every_config_key_written(exports, name):
     config_dict, unet_config, schedule_config, _, folder, _, _ = exports(name)
-    assert _files(folder) == PIPELINE_FILES
+    assert _files(folder) == EXPORT_FILES
     assert json.loads((folder / "model_index.json").read_text()) == {
         "_class_name": "DDPMPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -213,7 +206,7 @@ def test_fp16_variant(tmp_path):
     unet_config, schedule_config = UNetConfig.from_dict(TINY), CASES["tiny"][1]
     state_dict = _random_model(unet_config).state_dict()
     folder = export_pipeline(unet_config, schedule_config, state_dict, tmp_path / "fp16", dtype=torch.float16)
-    assert _files(folder) == PIPELINE_FILES - {"unet/diffusion_pytorch_model.safetensors"} | {
+    assert _files(folder) == EXPORT_FILES - {"unet/diffusion_pytorch_model.safetensors"} | {
         "unet/diffusion_pytorch_model.fp16.safetensors"
     }
     unet, info = diffusers.UNet2DModel.from_pretrained(
@@ -242,7 +235,7 @@ def test_export_touches_nothing_else_and_replaces_previous_export(tmp_path):
     after = _digest(run)
     assert {k: after[k] for k in before} == before  # checkpoints and logs untouched
     # the second export replaced the first wholesale: no stale fp16 variant, no leftovers
-    assert set(after) - set(before) == PIPELINE_FILES | {"samples.png"}
+    assert set(after) - set(before) == EXPORT_FILES | {"samples.png"}
     assert "](samples.png)" in (run / "README.md").read_text()
     _, _, loaded = load_model(run)  # the exported pipeline is the run's result
     assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())

@@ -8,7 +8,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from helpers import load_script
+from helpers import PUSHED_FILES, load_script
 from unet_configs import TINY
 
 from ddpm import ScheduleConfig, UNet, UNetConfig
@@ -18,14 +18,6 @@ from ddpm.io.pretrained import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TestTokenThatMustNeverLeak123"
-PIPELINE = {
-    "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-    "README.md",
-    "samples.png",
-}
 
 
 @pytest.fixture
@@ -60,8 +52,8 @@ def test_push_uploads_exactly_the_pipeline(fake_hub, run, private, caplog):
     create, upload = fake_hub.calls_to("create_repo"), fake_hub.calls_to("upload_folder")
     assert [(c["repo_id"], c["private"], c["exist_ok"]) for c in create] == [("me/ddpm-tiny", private, True)]
     assert len(upload) == 1 and upload[0]["repo_id"] == "me/ddpm-tiny"
-    assert fake_hub.uploads == [PIPELINE]
-    assert set(files_to_upload(run)) == PIPELINE  # what the push logs as its file count
+    assert fake_hub.uploads == [PUSHED_FILES]
+    assert set(files_to_upload(run)) == PUSHED_FILES  # what the push logs as its file count
     assert upload[0]["commit_message"] == "Step 500"
     assert TOKEN not in caplog.text
 
@@ -69,7 +61,7 @@ def test_push_uploads_exactly_the_pipeline(fake_hub, run, private, caplog):
 def test_asking_for_more_uploads_more(fake_hub, run):
     push_folder(run, "me/ddpm-tiny", token=TOKEN, allow_patterns=["*"])
     (uploaded,) = fake_hub.uploads
-    assert PIPELINE < uploaded and "checkpoint-10/training_state.pt" in uploaded
+    assert PUSHED_FILES < uploaded and "checkpoint-10/training_state.pt" in uploaded
     assert not any(name.startswith(".tmp-") for name in uploaded)
 
 
@@ -133,7 +125,7 @@ def test_refuses_folder_without_export_and_bad_repo_id(fake_hub, run, tmp_path):
 def test_push_to_hub_script(fake_hub, run, capsys):
     main = load_script("push_to_hub").main
     main(["--folder", str(run), "--hub_model_id", "me/ddpm-tiny", "--hub_token", TOKEN, "--hub_private_repo"])
-    assert fake_hub.uploads == [PIPELINE]
+    assert fake_hub.uploads == [PUSHED_FILES]
     assert [c["private"] for c in fake_hub.calls_to("create_repo")] == [True]
     with pytest.raises(SystemExit, match="no Hugging Face token"):
         main(["--folder", str(run), "--repo_id", "me/ddpm-tiny"])

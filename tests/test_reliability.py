@@ -48,7 +48,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET
-from helpers import assert_same_tensors, load_script, optimizer_tensors, read_metrics, subprocess_env, wait_for_metrics
+from helpers import (
+    PUSHED_FILES,
+    assert_same_tensors,
+    load_script,
+    optimizer_tensors,
+    read_metrics,
+    subprocess_env,
+    wait_for_metrics,
+)
 from PIL import Image
 
 import ddpm.io.checkpoint as checkpoint_module
@@ -64,15 +72,6 @@ from ddpm.training.setup import check_config
 ROOT = Path(__file__).resolve().parents[1]
 # No sample grids or exports in the middle of subprocess runs: only training steps and checkpoints.
 QUIET = ["--save_images_epochs", "100000", "--save_model_epochs", "100000"]
-# What a push of a training run's output folder sends: the diffusers pipeline, its card and the last sample grid.
-PIPELINE_FILES = {
-    "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-    "README.md",
-    "samples.png",
-}
 
 
 script = load_script("train")
@@ -495,7 +494,7 @@ def test_the_hub_token_never_reaches_logs_configs_cards_metrics_or_checkpoints(
     console = capfd.readouterr()
     assert token not in console.out + console.err + caplog.text
     assert fake_hub.tokens and all(t == token for t in fake_hub.tokens)
-    assert fake_hub.uploads == [PIPELINE_FILES]
+    assert fake_hub.uploads == [PUSHED_FILES]
 
 
 if __name__ == "__main__":  # a torchrun worker: record this rank's pid for the test, then be scripts/train.py
