@@ -246,8 +246,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         index, aug_seed = (key, 0) if isinstance(key, int) else key
-        image = self.load_or_replace(int(index))
-        return self.transform(image, torch.Generator().manual_seed(int(aug_seed)))
+        return self.transform.augment(self.resized(int(index)), torch.Generator().manual_seed(int(aug_seed)))
+
+    def resized(self, index: int) -> np.ndarray:
+        """Image ``index`` (or its replacement) through ``transform.resize``: uint8 ``(H, W, C)``."""
+        return self.transform.resize(self.load_or_replace(index))
 
     def load_or_replace(self, index: int) -> Image.Image:
         """Decode image ``index``, or with ``skip_corrupt_images`` the next readable one (see the class docstring)."""

@@ -61,7 +61,7 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
     pairs: micro-batch after micro-batch, so a DataLoader with ``batch_size=per_device_batch`` gives exactly
     ``grad_accum`` micro-batches per step. ``drop_last=True`` drops the incomplete last global batch;
     ``drop_last=False`` completes it with the first samples of the epoch's permutation (each once). Call
-    :meth:`set_epoch` before each epoch.
+    :meth:`set_epoch` to choose where iteration starts and how many epochs it spans.
     """
 
     def __init__(
@@ -100,6 +100,7 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
             )
         self.epoch = 0
         self.start_step = 0
+        self.epochs = 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -116,27 +117,37 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         start = (micro * self.world_size + self.rank) * self.per_device_batch
         return slice(start, start + self.per_device_batch)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Iterate epoch ``epoch`` from its optimizer step ``start_step`` on (non-zero only when resuming)."""
+    def set_epoch(self, epoch: int, start_step: int = 0, epochs: int = 1) -> None:
+        """Iterate ``epochs`` epochs from epoch ``epoch``'s optimizer step ``start_step`` (non-zero only when resuming)
+        on, without a break between epochs: the training loop makes one iterator for the whole run, so the
+        DataLoader's prefetching runs across epoch boundaries and through the epoch-end grids and exports."""
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch={epoch!r} must be a non-negative integer")
         if not isinstance(start_step, int) or not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step={start_step!r} must be in [0, steps_per_epoch={self.steps_per_epoch}]")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs={epochs!r} must be a positive integer")
         self.epoch = epoch
         self.start_step = start_step
+        self.epochs = epochs
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.grad_accum * self.per_device_batch
+        steps = self.epochs * self.steps_per_epoch - self.start_step
+        return steps * self.grad_accum * self.per_device_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, SeedStream.PERMUTATION, self.epoch))
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            yield from self._epoch(epoch, self.start_step if epoch == self.epoch else 0)
+
+    def _epoch(self, epoch: int, start_step: int) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, SeedStream.PERMUTATION, epoch))
         order = torch.randperm(self.dataset_len, generator=generator).tolist()
-        for step in range(self.start_step, self.steps_per_epoch):
+        for step in range(start_step, self.steps_per_epoch):
             offset = step * self.global_batch_size
             for micro in range(self.grad_accum):
                 share = self.micro_slice(micro)
                 for position in range(offset + share.start, offset + share.stop):
-                    aug_seed = derive_seed(self.seed, SeedStream.AUGMENTATION, self.epoch, position)
+                    aug_seed = derive_seed(self.seed, SeedStream.AUGMENTATION, epoch, position)
                     yield order[position % self.dataset_len], aug_seed
 
 

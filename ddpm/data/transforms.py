@@ -2,8 +2,9 @@
 
 :class:`ImageTransform` is ``Resize(res, bilinear)`` (shorter side) -> ``CenterCrop``/``RandomCrop`` -> optional
 horizontal flip -> ``ToTensor`` -> ``Normalize([0.5], [0.5])``, on the image converted to the model's channel
-count. Unlike ``image.convert("RGB")``, 16-bit and float images are rescaled to 8 bits instead of clipped (see
-:func:`convert_image`).
+count, in two parts: :meth:`~ImageTransform.resize` (deterministic: what a prepared dataset stores) and
+:meth:`~ImageTransform.augment` (the random crop and flip, and the scaling). Unlike ``image.convert("RGB")``,
+16-bit and float images are rescaled to 8 bits instead of clipped (see :func:`convert_image`).
 """
 
 from __future__ import annotations
@@ -59,15 +60,30 @@ class ImageTransform:
             raise ValueError(f"channels={self.channels!r} must be 1 or 3")
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        """Transform one image; random draws, in order: crop row, crop column (random crop), flip (if enabled)."""
+        """Transform one image: :meth:`resize`, then :meth:`augment`."""
+        return self.augment(self.resize(image), generator)
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """The deterministic part: ``image`` converted, resized (shorter side to ``resolution``) and, with
+        ``center_crop``, cropped; uint8 ``(H, W, channels)``. What a prepared dataset stores
+        (:mod:`ddpm.data.prepared`), so that reading it gives exactly the pixels of decoding the source."""
         res = self.resolution
         image = TF.resize(convert_image(image, self.channels), res, interpolation=InterpolationMode.BILINEAR)
         if self.center_crop:
             image = TF.center_crop(image, [res, res])
-        elif image.size != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
-            top = int(torch.randint(0, image.height - res + 1, (1,), generator=generator))
-            left = int(torch.randint(0, image.width - res + 1, (1,), generator=generator))
-            image = TF.crop(image, top, left, res, res)
+        return np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
+
+    def augment(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """The random part, on :meth:`resize`'s output: random crop (unless ``center_crop``), flip, scaling to
+        [-1, 1]. Random draws, in order: crop row, crop column (random crop), flip (if enabled)."""
+        res = self.resolution
+        x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # a copy: the source may be a read-only memmap
+        height, width = x.shape[1:]
+        if (height, width) != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
+            top = int(torch.randint(0, height - res + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - res + 1, (1,), generator=generator))
+            x = x[:, top : top + res, left : left + res]
         if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
-            image = TF.hflip(image)
-        return TF.to_tensor(image).sub_(0.5).div_(0.5)
+            x = x.flip(-1)
+        # ToTensor's arithmetic (float32, then / 255), then Normalize([0.5], [0.5])
+        return x.to(torch.float32).div(255).sub_(0.5).div_(0.5)

@@ -101,9 +101,10 @@ def ddpm_sample(
     device, dtype = _model_device_dtype(model)
     steps = inference_timesteps(schedule.config, num_inference_steps or schedule.num_train_timesteps)
     x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
+    model_timesteps = torch.tensor(steps, device=device)  # one copy to the device, not one (and a sync) per step
     for i, t in enumerate(steps):
         prev_t = steps[i + 1] if i + 1 < len(steps) else -1
-        x = ddpm_step(schedule, model(x, torch.tensor(t, device=device)), t, prev_t, x, generator)
+        x = ddpm_step(schedule, model(x, model_timesteps[i]), t, prev_t, x, generator)
     return x
 
 
@@ -151,8 +152,9 @@ def ddim_sample(
     steps = inference_timesteps(schedule.config, num_inference_steps)
     ratio = schedule.num_train_timesteps // num_inference_steps
     x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
-    for t in steps:
-        out = model(x, torch.tensor(t, device=device))
+    model_timesteps = torch.tensor(steps, device=device)  # one copy to the device, not one (and a sync) per step
+    for i, t in enumerate(steps):
+        out = model(x, model_timesteps[i])
         prev_t = t - ratio  # DDIMScheduler's rule, whatever the spacing
         ab_t = schedule.alphas_cumprod[t]
         ab_prev = schedule.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)

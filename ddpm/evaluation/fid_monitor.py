@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..data.datasets import ImageDataset
+from ..data.prepared import PreparedImages
 from ..diffusion.schedule import NoiseSchedule
 from ..io.images import to_uint8
 from ..models.ema import EMA
@@ -52,7 +53,7 @@ class _TrainingImages(Dataset):
     """Training images as uint8 [H, W, C] arrays: the training transform without the flip (random crops drawn with
     seed 0), rounded like the samples."""
 
-    def __init__(self, dataset: ImageDataset, indices: np.ndarray) -> None:
+    def __init__(self, dataset: ImageDataset | PreparedImages, indices: np.ndarray) -> None:
         self.dataset, self.indices = dataset, indices
         self.transform = dataclasses.replace(dataset.transform, random_flip=False)
 
@@ -60,8 +61,8 @@ class _TrainingImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        image = self.dataset.load_or_replace(int(self.indices[i]))
-        return to_uint8(self.transform(image, torch.Generator().manual_seed(0))[None])[0]
+        pixels = self.dataset.resized(int(self.indices[i]))
+        return to_uint8(self.transform.augment(pixels, torch.Generator().manual_seed(0))[None])[0]
 
 
 class FIDMonitor:
@@ -77,7 +78,7 @@ class FIDMonitor:
         num_inference_steps: int,
         batch_size: int,
         reference: str | None,
-        training_images: ImageDataset,
+        training_images: ImageDataset | PreparedImages,
         training_source: dict[str, Any],
         cache_dir: Path,
         inception_weights: str | None = None,
@@ -98,7 +99,11 @@ class FIDMonitor:
     # ------------------------------------------------------------------ reference
 
     def _reference_stats(
-        self, reference: str | None, training_images: ImageDataset, training_source: dict[str, Any], cache_dir: Path
+        self,
+        reference: str | None,
+        training_images: ImageDataset | PreparedImages,
+        training_source: dict[str, Any],
+        cache_dir: Path,
     ) -> FeatureStats:
         if reference is not None:
             source = load_source(reference)

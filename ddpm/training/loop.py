@@ -88,6 +88,7 @@ class _Tick:
     step: int  # the global step the tick began at
     start: float  # time.perf_counter() then (moved on by FID evaluations, kept out of img/s)
     loss_sum: torch.Tensor
+    data_wait: float = 0.0  # seconds the steps waited for data
     last: StepStats | None = None
 
     @classmethod
@@ -101,18 +102,20 @@ def _train(run: Run, state: TrainState) -> bool:
     tick = _Tick.begin(state.global_step, run.device)
     run.log.start_bar(run.total_steps, state.global_step)
     agreement = StopAgreement(run.ctx)
+    # One iterator over every remaining epoch: the loader prefetches across epoch ends (and their grids, exports).
+    run.sampler.set_epoch(state.epoch, state.step_in_epoch, epochs=run.num_epochs - state.epoch)
+    batches = iter(run.loader)
     with GracefulStop() as graceful:
         for epoch in range(state.epoch, run.num_epochs):
             if epoch != state.epoch:
                 state.epoch, state.step_in_epoch = epoch, 0
-            run.sampler.set_epoch(epoch, state.step_in_epoch)
             run.unet.train()
-            batches = iter(run.loader)
             while state.step_in_epoch < run.steps_per_epoch and state.global_step < run.total_steps:
                 # ---- one optimizer step
                 stats = optimizer_step(run, batches, state.global_step)
                 state.advance(stats, run.global_batch)
                 tick.loss_sum += stats.loss
+                tick.data_wait += stats.data_wait
                 tick.last = stats
                 run.log.advance()
                 done = state.global_step == run.total_steps
@@ -132,7 +135,6 @@ def _train(run: Run, state: TrainState) -> bool:
                         f"--resume_from_checkpoint {state.last_checkpoint}"
                     )
                     return True
-            del batches
             # ---- epoch end: sample grid, export
             end_of_epoch(run, state, epoch, last=epoch == run.num_epochs - 1 or state.global_step >= run.total_steps)
             if state.global_step >= run.total_steps:
@@ -158,6 +160,7 @@ def _log_tick(run: Run, state: TrainState, tick: _Tick) -> _Tick:
         "grad_norm": grad_norm,
         "img_s": steps * run.global_batch / elapsed,
         "sec_per_step": elapsed / steps,
+        "data_wait": min(tick.data_wait / elapsed, 1.0),  # the share of the tick spent waiting for data (rank 0)
         "skipped_steps": skipped,
     }
     if config.skip_corrupt_images:  # every rank reads its own images: the total is the sum

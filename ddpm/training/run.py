@@ -8,6 +8,7 @@ first step and never replaced; what changes while training (the position, the co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageDataset
+from ..data.prepared import PreparedImages
 from ..data.sampler import GlobalBatchSampler
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..evaluation.fid_monitor import FIDMonitor
@@ -27,6 +29,9 @@ from ..runtime.distributed import DistributedContext
 from ..runtime.precision import Precision
 from .config import TrainConfig
 from .run_log import RunLog
+
+# (x0, t, noise) -> the mean loss: NoiseSchedule.training_loss with the model (in DDP) bound, maybe compiled.
+TrainingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,11 +48,11 @@ class Run:
     unet_config: UNetConfig  # at sample_size = --resolution
     schedule_config: ScheduleConfig
     unet: UNet  # the live weights (the raw module: what is saved, sampled and exported)
-    model: torch.nn.Module  # what the training forward pass calls: unet, wrapped in DDP and/or torch.compile
+    training_loss: TrainingLoss  # the forward pass: noising, unet (in DDP on several processes), loss; compiled?
     ddp: DistributedDataParallel | None  # the DDP wrapper (for no_sync on non-final micro-steps); None on 1 process
     ema: EMA | None  # --use_ema, on rank 0 only (only it samples and saves)
     # ---- the data
-    dataset: ImageDataset
+    dataset: ImageDataset | PreparedImages  # a prepared folder, or the source images decoded on the fly
     sampler: GlobalBatchSampler  # the global batch layout: this rank's share of each optimizer step's images
     loader: DataLoader  # micro-batches of this rank, in the sampler's order
     total_steps: int  # optimizer steps of the whole run (--max_train_steps, else --num_epochs epochs)

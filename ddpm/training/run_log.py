@@ -83,12 +83,18 @@ class RunLog:
             return
         self._record(record, "train")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}", img_s=f"{record['img_s']:.1f}")
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4g}",
+                lr=f"{record['lr']:.3g}",
+                img_s=f"{record['img_s']:.1f}",
+                data_wait=f"{record['data_wait']:.0%}",
+            )
         else:
             mem = record.get("peak_mem_gb")
             tqdm.write(
                 f"step {record['step']}/{total_steps}  epoch {record['epoch']}  img/s {record['img_s']:.1f}  "
-                f"sec/step {record['sec_per_step']:.3f}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
+                f"sec/step {record['sec_per_step']:.3f}  data_wait {record['data_wait']:.0%}  "
+                f"loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
                 f"gnorm {record['grad_norm']:.3f}  skipped {record['skipped_steps']}"
                 + (f"  mem {mem:.2f}GB" if mem is not None else ""),
                 file=sys.stderr,

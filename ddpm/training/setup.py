@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageDataset, load_image_dataset
+from ..data.prepared import PreparedImages, check_prepared, is_prepared
 from ..data.sampler import GlobalBatchSampler, SeedStream, build_dataloader, derive_seed
 from ..data.transforms import ImageTransform
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -40,7 +41,7 @@ from .config import TrainConfig
 from .lr_schedule import build_lr_scheduler
 from .model_config import model_description, unet_config
 from .output_dir import prepare_output_dir
-from .run import Run
+from .run import Run, TrainingLoss
 from .run_log import RunLog
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,20 @@ logger = logging.getLogger(__name__)
 
 def check_config(config: TrainConfig, device: torch.device | None = None) -> None:
     """What the settings alone cannot tell: a ValueError naming the flag when the model config cannot be read or
-    --resolution does not suit it, or when --mixed_precision cannot run on ``device``.
+    --resolution does not suit it, when a prepared dataset was prepared with other settings, or when
+    --mixed_precision cannot run on ``device``.
 
     A model config on the Hub is only read by :func:`build_run`. Without ``device`` (a command line being parsed) the
     precision is checked for a CPU run only: a GPU is checked once this rank's device is set, without initialising
     CUDA here.
     """
     model_config = config.model_config_name_or_path
+    channels = None
     if config.pretrained_model_name_or_path is None and (model_config is None or not is_hub_id(model_config)):
-        unet_config(config)
+        channels = unet_config(config).in_channels
+    for flag, path in (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name)):
+        if is_prepared(path):
+            check_prepared(path, flag, resolution=config.resolution, center_crop=config.center_crop, channels=channels)
     if device is None:
         device = resolve_device(config.device, max(config.local_rank, 0))
         if device.type != "cpu":
@@ -87,11 +93,11 @@ def build_run(
     ema = None
     if config.use_ema and ctx.is_main:  # only rank 0 samples and saves, so only it keeps the average
         ema = EMA(unet, inv_gamma=config.ema_inv_gamma, power=config.ema_power, max_decay=config.ema_max_decay)
-    model, ddp = _wrap(unet, ctx, config.compile)
-    # ---- noise schedules, FID monitor, run log
+    # ---- noise schedules, the training forward pass, FID monitor, run log
     train_schedule = NoiseSchedule(schedule_config)
     # its arrays on the training device: indexing a CPU array every step would sync the host
     train_schedule.alphas_cumprod = train_schedule.alphas_cumprod.to(ctx.device)
+    training_loss, ddp = _wrap(unet, ctx, train_schedule, config.compile)
     sample_schedule = NoiseSchedule(schedule_config)
     fid = _fid_monitor(config, ctx, unet, sample_schedule, dataset, precision) if config.fid_every_steps else None
     run_config = {**config.to_dict(), "seed": seed, "command": command}
@@ -105,7 +111,7 @@ def build_run(
         unet_config=unet_config,
         schedule_config=schedule_config,
         unet=unet,
-        model=model,
+        training_loss=training_loss,
         ddp=ddp,
         ema=ema,
         dataset=dataset,
@@ -184,10 +190,19 @@ def _seed(config: TrainConfig, ctx: DistributedContext, checkpoint: TrainingChec
 
 def _load_data(
     config: TrainConfig, ctx: DistributedContext, channels: int, seed: int
-) -> tuple[ImageDataset, GlobalBatchSampler, DataLoader]:
-    """The dataset, this rank's sampler of the global batches, and its loader of micro-batches."""
+) -> tuple[ImageDataset | PreparedImages, GlobalBatchSampler, DataLoader]:
+    """The dataset (a prepared folder, read without decoding, or the source images), this rank's sampler of the
+    global batches, and its loader of micro-batches."""
+    transform = ImageTransform(config.resolution, channels, config.center_crop, config.random_flip)
+    sources = (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name))
+    prepared = [(flag, path) for flag, path in sources if is_prepared(path)]
 
-    def load() -> ImageDataset:
+    def load() -> ImageDataset | PreparedImages:
+        if prepared:
+            flag, path = prepared[0]
+            if config.dataset_config_name is not None:
+                raise ValueError(f"--dataset_config_name does not apply to the prepared dataset {flag} {path!r}")
+            return PreparedImages(path, transform, flag)
         data, column = load_image_dataset(
             config.dataset_name,
             config.dataset_config_name,
@@ -195,7 +210,6 @@ def _load_data(
             config.cache_dir,
             config.image_column,
         )
-        transform = ImageTransform(config.resolution, channels, config.center_crop, config.random_flip)
         return ImageDataset(data, column, transform, skip_corrupt_images=config.skip_corrupt_images)
 
     # Rank 0 downloads and prepares the cache alone, then the others read it.
@@ -253,17 +267,28 @@ def _build_optimizer(
 
 
 def _wrap(
-    unet: UNet, ctx: DistributedContext, use_compile: bool
-) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
-    """What the forward pass calls (``unet`` in DDP on several processes, then torch.compile'd), and the DDP wrapper."""
+    unet: UNet, ctx: DistributedContext, schedule: NoiseSchedule, use_compile: bool
+) -> tuple[TrainingLoss, DistributedDataParallel | None]:
+    """The training forward pass ``(x0, t, noise) -> loss`` (noising, ``unet`` in DDP on several processes, the
+    loss), torch.compile'd as a whole with ``use_compile``; and the DDP wrapper.
+
+    DDP keeps the gradients as views into its all-reduce buckets (the step zeroes them in place instead of dropping
+    them, so no gradient is copied into a bucket). No ``static_graph``: with accumulation the first backward pass
+    runs under ``no_sync``, which static-graph DDP cannot start with (an internal assert in the reducer, torch 2.14);
+    and what it would save is small here, since the unused-parameter search it skips is off anyway
+    (``find_unused_parameters=False``: the UNet uses every parameter) and DDP re-orders its buckets after the first
+    step by itself.
+    """
     model: torch.nn.Module = unet
     ddp = None
     if ctx.is_distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         ddp = model = DistributedDataParallel(unet, device_ids=device_ids, gradient_as_bucket_view=True)
-    if use_compile:
-        model = torch.compile(model)
-    return model, ddp
+
+    def training_loss(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return schedule.training_loss(model, x0, t, noise)
+
+    return (torch.compile(training_loss) if use_compile else training_loss), ddp
 
 
 def _fid_monitor(
@@ -271,7 +296,7 @@ def _fid_monitor(
     ctx: DistributedContext,
     unet: UNet,
     schedule: NoiseSchedule,
-    dataset: ImageDataset,
+    dataset: ImageDataset | PreparedImages,
     precision: Precision,
 ) -> FIDMonitor:
     """Loads the Inception network (failing now if its weights are missing) and the reference statistics."""

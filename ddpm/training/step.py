@@ -15,6 +15,7 @@ check) and :attr:`StepStats.finite` says so. No host synchronisation: the figure
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class StepStats:
     grad_norm: torch.Tensor  # the gradient norm before clipping
     finite: torch.Tensor  # bool: the gradients were finite, so the update was applied
     lr: float  # the learning rate of the update
+    data_wait: float  # seconds this process waited for its micro-batches (host clock)
 
 
 def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> StepStats:
@@ -44,15 +46,19 @@ def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> Step
     timesteps = torch.randint(0, num_timesteps, (run.global_batch,), device=device, generator=generator)
     noise = torch.randn((run.global_batch, channels, size, size), device=device, generator=generator)
     step_loss = torch.zeros((), device=device)
+    data_wait = 0.0
     for micro in range(accum):
-        x0 = next(batches).to(device, non_blocking=True)
+        wait_start = time.perf_counter()
+        x0 = next(batches)
+        data_wait += time.perf_counter() - wait_start
+        x0 = x0.to(device, non_blocking=True)  # from pinned memory on CUDA: the copy overlaps the step
         if config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         share = sampler.micro_slice(micro)  # where this rank's images sit in the global batch
         final = micro == accum - 1  # gradients are all-reduced once, on the last micro-step
         with run.ddp.no_sync() if run.ddp is not None and not final else nullcontext():
             with run.precision.autocast():
-                loss = run.train_schedule.training_loss(run.model, x0, timesteps[share], noise[share])
+                loss = run.training_loss(x0, timesteps[share], noise[share])
             run.scaler.scale(loss / accum).backward()
         step_loss += loss.detach() / accum
 
@@ -73,7 +79,9 @@ def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> Step
     elif finite.item():
         optimizer.step()
     run.lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Zeroed in place, not set to None: under DDP the gradients are views into its all-reduce buckets
+    # (gradient_as_bucket_view), and dropping them would make DDP copy every gradient into its bucket each step.
+    optimizer.zero_grad(set_to_none=run.ddp is None)
     if run.ema is not None:
         run.ema.update(run.unet)
-    return StepStats(loss=step_loss, grad_norm=grad_norm.detach(), finite=finite, lr=lr)
+    return StepStats(loss=step_loss, grad_norm=grad_norm.detach(), finite=finite, lr=lr, data_wait=data_wait)
