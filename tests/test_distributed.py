@@ -33,6 +33,7 @@ ROUNDING = {"exact": False, "rtol": 0, "atol": 1e-6}
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, make_train_args):
     from ddpm.io.files import read_safetensors
+    from ddpm.io.images import read_png
     from ddpm.training.loop import train
 
     script = load_script("train")
@@ -60,6 +61,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ma
             ddp = read_safetensors(tmp_path / "ddp" / f"checkpoint-{step}" / name)
             assert_same_tensors(ddp, read_safetensors(tmp_path / "single" / f"checkpoint-{step}" / name), **ROUNDING)
     assert sorted(p.name for p in (tmp_path / "ddp" / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    # The ranks sampled a grid image each (of 4, interleaved): the grid is the one-process run's.
+    for grid in ("step_000002.png", "step_000004.png"):
+        ddp_grid, single_grid = (read_png(tmp_path / run / "samples" / grid).astype(int) for run in ("ddp", "single"))
+        assert np.abs(ddp_grid - single_grid).max() <= 1
     assert (tmp_path / "ddp" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-4").glob("rng_state_*.pt")) == [
         "rng_state_0.pt",

@@ -6,6 +6,7 @@ import logging
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,7 +175,9 @@ def test_resume_is_bit_exact(tmp_path, make_train_args, dropout_unet_json, use_e
 
 
 def untimed(records):
-    return [{k: v for k, v in r.items() if k not in ("img_s", "sec_per_step", "peak_mem_gb")} for r in records]
+    return [
+        {k: v for k, v in r.items() if k not in ("img_s", "sec_per_step", "data_wait", "peak_mem_gb")} for r in records
+    ]
 
 
 def test_resume_refuses_another_model_or_schedule(tmp_path, tiny_train_args):
@@ -307,11 +310,27 @@ def test_metrics_log_and_sample_grids(tmp_path, tiny_train_args):
     run([*tiny_train_args, "--use_ema", "--logging_steps", "2", "--max_train_steps", "8", "--save_images_epochs", "1"])
     records = read_metrics(tmp_path / "run")
     assert [m["step"] for m in records] == [2, 4, 6, 8]
-    for key in ("loss", "lr", "grad_norm", "img_s", "sec_per_step", "ema_decay", "skipped_steps", "epoch"):
+    for key in ("loss", "lr", "grad_norm", "img_s", "sec_per_step", "data_wait", "ema_decay", "skipped_steps", "epoch"):
         assert all(key in m for m in records), key
+    assert all(0 <= m["data_wait"] <= 1 for m in records)
     assert records[-1]["ema_decay"] == pytest.approx(1 - (1 + 7) ** -0.75)
     grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
     assert grids == ["step_000004.png", "step_000008.png"]  # after each of the 2 epochs
+
+
+def test_data_wait_is_the_share_of_the_tick_spent_waiting_for_images(tmp_path, tiny_train_args, monkeypatch):
+    """Images that take 20 ms each (4 per step) against a step of a few ms: the loader sets the pace."""
+    from ddpm.data.datasets import ImageDataset
+
+    fast = ImageDataset.__getitem__
+
+    def slow(self, key):
+        time.sleep(0.02)
+        return fast(self, key)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", slow)
+    run([*tiny_train_args, "--logging_steps", "2"])
+    assert all(m["data_wait"] > 0.5 for m in read_metrics(tmp_path / "run"))
 
 
 def test_pretrained_weights_are_the_starting_point(tmp_path, make_train_args):

@@ -16,6 +16,7 @@ from helpers import load_script, read_metrics
 from PIL import Image
 
 from ddpm.diffusion.schedule import NoiseSchedule
+from ddpm.evaluation.generate import image_generators
 from ddpm.io.files import read_torch_state
 from ddpm.training.loop import train
 
@@ -155,7 +156,8 @@ def schedule_run(make_train_args, tmp_path_factory):
 
 
 def test_variance_type_reaches_the_export_and_the_grid_sampler(schedule_run):
-    """The grid is the image DDPMPipeline draws from the export (generator seeded 0, --ddpm_num_inference_steps), and
+    """The grid is the images DDPMPipeline draws from the export (a generator per image, seeded as
+    ddpm.evaluation.generate seeds image i of seed 0; --ddpm_num_inference_steps), and
     the export's scheduler is the flags'; the same pipeline with the default variance gives other images."""
     expected = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "variance_type": "fixed_large"}
     for schedule in (checkpoint_schedule(schedule_run / "checkpoint-1"), exported_schedule(schedule_run)):
@@ -165,7 +167,7 @@ def test_variance_type_reaches_the_export_and_the_grid_sampler(schedule_run):
 
     def pipeline_images(scheduler):
         pipeline.scheduler = scheduler
-        generator = torch.Generator().manual_seed(0)
+        generator = image_generators(0, range(4))
         images = pipeline(batch_size=4, generator=generator, num_inference_steps=4, output_type="np").images
         return (images * 255).round().astype(int)
 

@@ -37,8 +37,8 @@ from ..diffusion.schedule import NoiseSchedule
 from ..io.images import to_uint8
 from ..models.ema import EMA
 from ..models.unet import UNet
-from ..runtime.distributed import DistributedContext, all_reduce_sum, broadcast_module, broadcast_object
-from .generate import Autocast, sample_images
+from ..runtime.distributed import DistributedContext, all_reduce_sum, broadcast_object
+from .generate import Autocast, sample_images, share_sampling_weights
 from .inception import NUM_FEATURES, load_inception
 from .metrics import FeatureStats, compute_features, frechet_distance, load_source
 
@@ -71,7 +71,7 @@ class FIDMonitor:
     def __init__(
         self,
         ctx: DistributedContext,
-        unet: UNet,
+        eval_unet: UNet,
         schedule: NoiseSchedule,
         *,
         num_samples: int,
@@ -92,7 +92,7 @@ class FIDMonitor:
         self.batch_size = batch_size
         # Fail now, not after hours of training, when the weights are missing.
         self.inception = load_inception(inception_weights, self.device)
-        self.eval_unet = UNet(unet.config).to(self.device).eval().requires_grad_(False)
+        self.eval_unet = eval_unet  # the run's sampling copy of the UNet: the training weights stay untouched
         self.sampler_model = Autocast(self.eval_unet, amp_dtype) if amp_dtype is not None else self.eval_unet
         self.reference = self._reference_stats(reference, training_images, training_source, cache_dir)
 
@@ -137,13 +137,7 @@ class FIDMonitor:
     def evaluate(self, unet: UNet, ema: EMA | None) -> dict[str, float | int]:
         """FID of ``num_samples`` samples of rank 0's EMA weights (``unet``'s own without EMA), on every rank."""
         start = time.perf_counter()
-        if self.ctx.is_main:
-            with torch.no_grad():
-                if ema is not None:
-                    ema.copy_to(self.eval_unet)
-                else:
-                    self.eval_unet.load_state_dict(unet.state_dict())
-        broadcast_module(self.ctx, self.eval_unet)
+        share_sampling_weights(self.ctx, unet, ema, self.eval_unet)
         indices = list(range(self.ctx.rank, self.num_samples, self.ctx.world_size))
         features = [np.zeros((0, NUM_FEATURES), np.float32)]  # a rank may have no share (more ranks than images)
         with torch.no_grad():
@@ -155,6 +149,7 @@ class FIDMonitor:
                     seed=SAMPLE_SEED,
                     sampler="ddim",
                     num_inference_steps=self.num_inference_steps,
+                    generator_device=self.device,
                 )
                 features.append(self._features(to_uint8(batch)))
         stats = self._all_ranks_stats(np.concatenate(features))

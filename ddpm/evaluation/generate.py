@@ -33,6 +33,9 @@ from ..diffusion.samplers import ddim_sample, ddpm_sample
 from ..diffusion.schedule import NoiseSchedule
 from ..io.files import atomic_write_file, read_json, write_json
 from ..io.images import read_png, save_grid, save_png, to_uint8
+from ..models.ema import EMA
+from ..models.unet import UNet
+from ..runtime.distributed import DistributedContext, broadcast_module
 
 SAMPLERS = ("ddpm", "ddim")
 IMAGES_FOLDER = "images"
@@ -51,9 +54,23 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
 
 
-def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded by :func:`image_seed`."""
-    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per image on ``device``, seeded by :func:`image_seed`. CPU generators give the same images on
+    every device; generators on the sampling device draw the noise there (no copy to it at each step), but their
+    numbers are the device's own."""
+    return [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def share_sampling_weights(ctx: DistributedContext, unet: UNet, ema: EMA | None, into: UNet) -> None:
+    """Every rank at once: ``into`` receives rank 0's EMA weights, or ``unet``'s own without EMA (only rank 0 keeps
+    an EMA), so that every rank can sample its share of a set of images with the same weights."""
+    if ctx.is_main:
+        with torch.no_grad():
+            if ema is not None:
+                ema.copy_to(into)
+            else:
+                into.load_state_dict(unet.state_dict())
+    broadcast_module(ctx, into)
 
 
 class Autocast(nn.Module):
@@ -83,12 +100,14 @@ def sample_images(
     sampler: str = "ddpm",
     num_inference_steps: int | None = None,
     eta: float = 0.0,
+    generator_device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Images number ``indices`` of the run seeded ``seed``, as one batch in [-1, 1] ``[B, C, H, W]``.
 
     ``num_inference_steps`` defaults to the pipelines' defaults: every training step for DDPM, 50 for DDIM.
+    ``generator_device``: see :func:`image_generators`.
     """
-    generators = image_generators(seed, indices)
+    generators = image_generators(seed, indices, generator_device)
     if sampler == "ddpm":
         if eta:
             raise ValueError(f"eta={eta} only applies to the DDIM sampler")

@@ -1,23 +1,23 @@
 """What a run leaves at the end of an epoch: a sample grid, the exported diffusers pipeline with its model card, and
 its upload to the Hub.
 
-Rank 0 makes them while the other ranks wait (an error is raised on every rank). Both use the EMA weights when there
-are some; the grid's noise is the same every time, so successive grids show the training's progress.
+Every rank samples its share of the grid; rank 0 exports and pushes while the other ranks wait (an error is raised on
+every rank). Both use the EMA weights when there are some; the grid's noise is the same every time, so successive
+grids show the training's progress.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from ..diffusion.samplers import ddim_sample, ddpm_sample
+from ..evaluation.generate import sample_images, share_sampling_weights
 from ..io.export import export_pipeline, make_model_card
 from ..io.hub import HubError, ensure_repo, hub_id_or_none, push_folder
 from ..io.images import save_grid
-from ..runtime.distributed import run_on_main
+from ..runtime.distributed import gather_objects, run_on_main
 from .config import TrainConfig
 from .output_dir import SAMPLES_DIR
 from .run import Run
@@ -29,26 +29,38 @@ logger = logging.getLogger(__name__)
 def end_of_epoch(run: Run, state: TrainState, epoch: int, last: bool) -> None:
     """Every --save_images_epochs a sample grid, every --save_model_epochs an export (both after the last epoch)."""
     if epoch % run.config.save_images_epochs == 0 or last:
-        run_on_main(run.ctx, sample_grid, run, state, epoch)
+        sample_grid(run, state, epoch)
     if epoch % run.config.save_model_epochs == 0 or last:
         run_on_main(run.ctx, export, run, state, epoch)
 
 
 def sample_grid(run: Run, state: TrainState, epoch: int) -> None:
-    """Rank 0: sample --eval_batch_size images into ``samples/step_NNNNNN.png`` and the tracker."""
-    config = run.config
-    sample = ddpm_sample if config.sampler == "ddpm" else ddim_sample
-    generator = torch.Generator(device=run.device).manual_seed(0)  # the same images' noise every time
-    run.unet.eval()
-    with run.ema.applied_to(run.unet) if run.ema is not None else nullcontext():
-        images = sample(
-            run.unet,
+    """Every rank: --eval_batch_size images of the EMA weights into ``samples/step_NNNNNN.png`` and the tracker.
+
+    The ranks share the work: rank ``r`` samples images ``r, r + W, ...``, each with its own generator (seeded by
+    its number, on the training device), so the grid is the same whatever the number of processes and every grid
+    of a run starts from the same noise; rank 0 puts the images together.
+    """
+    config, ctx = run.config, run.ctx
+    share_sampling_weights(ctx, run.unet, run.ema, run.sampling_unet)
+    mine = list(range(ctx.rank, config.eval_batch_size, ctx.world_size))
+    images = torch.zeros(0)
+    if mine:  # more ranks than images: some have no share
+        images = sample_images(
+            run.sampling_unet,
             run.sample_schedule,
-            config.eval_batch_size,
+            mine,
+            seed=0,
+            sampler=config.sampler,
             num_inference_steps=config.ddpm_num_inference_steps,
-            generator=generator,
-        )
-    run.unet.train()
+            generator_device=run.device,
+        ).cpu()
+    shares = gather_objects(ctx, images)
+    if not ctx.is_main:
+        return
+    order = sorted(range(config.eval_batch_size), key=lambda i: (i % ctx.world_size, i // ctx.world_size))
+    images = torch.empty(config.eval_batch_size, *shares[0].shape[1:])
+    images[order] = torch.cat([share for share in shares if len(share)])
     state.last_grid = save_grid(images, run.output_dir / SAMPLES_DIR / f"step_{state.global_step:06d}.png")
     run.log.images(images, epoch, state.global_step)
     run.log.write(f"Saved samples {state.last_grid}")

@@ -37,7 +37,7 @@ from .errors import TrainingDiverged
 from .run import Run
 from .run_log import peak_memory_gb
 from .setup import build_run
-from .state import TrainState, restore_state, save_state
+from .state import TrainState, finish_saves, restore_state, save_state
 from .step import StepStats, optimizer_step
 
 
@@ -73,7 +73,9 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
             _announce(run)
             # ---- train
             stopped = _train(run, state)
+            finish_saves(run)  # the run ends once its last checkpoint is on disk
         finally:
+            _settle_saves(run)
             run.log.close()
         barrier(ctx)
         return TrainResult(state.global_step, state.epoch, stopped, state.last_checkpoint, run.unet, run.ema)
@@ -141,6 +143,15 @@ def _train(run: Run, state: TrainState) -> bool:
                 break
         agreement.finish()
     return False
+
+
+def _settle_saves(run: Run) -> None:
+    """On the way out of a failed run too: let the checkpoint being written complete (or fail) before the process
+    exits, so that the newest checkpoint is whole; its error, if any, is logged (the run's own error propagates)."""
+    try:
+        run.checkpoints.wait()
+    except Exception as e:
+        run.log.write(f"the last checkpoint write failed too: {e}")
 
 
 def _log_tick(run: Run, state: TrainState, tick: _Tick) -> _Tick:

@@ -23,6 +23,7 @@ from ..data.prepared import PreparedImages
 from ..data.sampler import GlobalBatchSampler
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..evaluation.fid_monitor import FIDMonitor
+from ..io.background import BackgroundWriter
 from ..models.ema import EMA
 from ..models.unet import UNet, UNetConfig
 from ..runtime.distributed import DistributedContext
@@ -65,9 +66,11 @@ class Run:
     train_schedule: NoiseSchedule  # its arrays on the training device: indexing them costs no host sync
     noise_generator: torch.Generator  # on the training device, re-seeded with (seed, NOISE, step) every step
     # ---- outputs
+    sampling_unet: UNet  # every rank's copy of the weights to sample grids and FID samples with (EMA if any)
     sample_schedule: NoiseSchedule  # of the sample grids and FID samples
     fid: FIDMonitor | None  # --fid_every_steps > 0
     log: RunLog  # rank 0's status lines or progress bar, metrics.jsonl and tracker
+    checkpoints: BackgroundWriter  # rank 0's checkpoint writes, one at a time, while the training goes on
 
     @property
     def device(self) -> torch.device:

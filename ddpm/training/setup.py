@@ -24,6 +24,7 @@ from ..data.sampler import GlobalBatchSampler, SeedStream, build_dataloader, der
 from ..data.transforms import ImageTransform
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..evaluation.fid_monitor import FIDMonitor
+from ..io.background import BackgroundWriter
 from ..io.checkpoint import TrainingCheckpoint, load_training_checkpoint
 from ..io.hub import is_hub_id
 from ..models.ema import EMA
@@ -99,7 +100,12 @@ def build_run(
     train_schedule.alphas_cumprod = train_schedule.alphas_cumprod.to(ctx.device)
     training_loss, ddp = _wrap(unet, ctx, train_schedule, config.compile)
     sample_schedule = NoiseSchedule(schedule_config)
-    fid = _fid_monitor(config, ctx, unet, sample_schedule, dataset, precision) if config.fid_every_steps else None
+    with torch.device("meta"):  # no initialisation (and no draw from the RNG): its weights are copied in when used
+        sampling_unet = UNet(unet_config)
+    sampling_unet = sampling_unet.to_empty(device=ctx.device).eval().requires_grad_(False)
+    fid = None
+    if config.fid_every_steps:
+        fid = _fid_monitor(config, ctx, sampling_unet, sample_schedule, dataset, precision)
     run_config = {**config.to_dict(), "seed": seed, "command": command}
     log = RunLog(config, ctx.is_main, Path(config.output_dir) / config.logging_dir, run_config)
     run = Run(
@@ -125,9 +131,11 @@ def build_run(
         scaler=precision.grad_scaler(),
         train_schedule=train_schedule,
         noise_generator=torch.Generator(device=ctx.device),
+        sampling_unet=sampling_unet,
         sample_schedule=sample_schedule,
         fid=fid,
         log=log,
+        checkpoints=BackgroundWriter("checkpoint-writer"),
     )
     return run, checkpoint
 
@@ -294,7 +302,7 @@ def _wrap(
 def _fid_monitor(
     config: TrainConfig,
     ctx: DistributedContext,
-    unet: UNet,
+    sampling_unet: UNet,
     schedule: NoiseSchedule,
     dataset: ImageDataset | PreparedImages,
     precision: Precision,
@@ -303,14 +311,17 @@ def _fid_monitor(
     names = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "resolution", "center_crop")
     return FIDMonitor(
         ctx,
-        unet,
+        sampling_unet,
         schedule,
         num_samples=config.fid_num_samples,
         num_inference_steps=config.fid_inference_steps,
         batch_size=config.fid_batch_size,
         reference=config.fid_reference,
         training_images=dataset,
-        training_source={**{name: getattr(config, name) for name in names}, "channels": unet.config.in_channels},
+        training_source={
+            **{name: getattr(config, name) for name in names},
+            "channels": sampling_unet.config.in_channels,
+        },
         cache_dir=Path(config.output_dir),
         inception_weights=config.inception_weights,
         amp_dtype=precision.dtype,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..io.background import host_copy
 from ..io.checkpoint import (
     TrainingCheckpoint,
     capture_rng_state,
@@ -70,18 +72,43 @@ class TrainState:
 
 
 def save_state(run: Run, state: TrainState) -> Path:
-    """Write ``checkpoint-<step>``, then rotate the old ones; every rank calls it (each adds its RNG state), rank 0
-    writes.
+    """Start writing ``checkpoint-<step>`` in the background; every rank calls it (each adds its RNG state).
 
-    Raises :class:`CheckpointSaveError` when the folder cannot be written (nothing half-written stays behind).
+    Rank 0 copies what the checkpoint holds off the device (the training waits only for that: the "Saved" line
+    gives the pause), and :attr:`Run.checkpoints` writes it while the training continues, then rotates
+    the old checkpoints. At most one write is in flight: the next save, and :func:`finish_saves` at the end of the
+    run, wait for it. A failed write raises :class:`CheckpointSaveError` there, on every rank (nothing
+    half-written stays behind: a folder named ``checkpoint-N`` is complete).
     """
     rng_states = gather_objects(run.ctx, capture_rng_state())
     skipped = int(state.skipped_steps.item())
     path = run.output_dir / f"checkpoint-{state.global_step}"
+    previous = state.last_checkpoint
 
-    def write() -> None:
-        config = run.config
-        training_state = {
+    def snapshot_and_submit() -> None:
+        run.checkpoints.wait()  # at most one write in flight; a failed previous write is raised here
+        start = time.perf_counter()
+        snapshot = host_copy(_checkpoint_contents(run, state, skipped))
+        pause = time.perf_counter() - start
+        run.checkpoints.submit(lambda: _write_checkpoint(run, path, snapshot, rng_states, previous, pause))
+
+    run_on_main(run.ctx, snapshot_and_submit)
+    state.last_saved_step, state.last_checkpoint = state.global_step, path
+    return path
+
+
+def finish_saves(run: Run) -> None:
+    """Every rank: return once the last checkpoint is on disk (raising, on every rank, if its write failed)."""
+    run_on_main(run.ctx, run.checkpoints.wait)
+
+
+def _checkpoint_contents(run: Run, state: TrainState, skipped: int) -> dict[str, Any]:
+    """What ``checkpoint-<step>`` holds besides the RNG states (live tensors: :func:`host_copy` snapshots them)."""
+    config = run.config
+    return {
+        "model_state": run.unet.state_dict(),
+        "ema_state": run.ema.shadow if run.ema is not None else None,
+        "training_state": {
             "global_step": state.global_step,
             "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch,
@@ -96,27 +123,32 @@ def save_state(run: Run, state: TrainState) -> Path:
             "lr_scheduler": run.lr_scheduler.state_dict(),
             "grad_scaler": run.scaler.state_dict(),
             "ema": run.ema.state_dict() if run.ema is not None else None,
-        }
-        try:
-            save_training_checkpoint(
-                path,
-                step=state.global_step,
-                unet_config=run.unet_config,
-                schedule_config=run.schedule_config,
-                run_config=run.run_config,
-                model_state=run.unet.state_dict(),
-                training_state=training_state,
-                rng_states=rng_states,
-                ema_state=run.ema.shadow if run.ema is not None else None,
-            )
-        except OSError as e:  # disk full, quota, I/O error: the write is undone, say so and what to do
-            raise CheckpointSaveError(save_failure_message(path, e, state.last_checkpoint)) from e
-        removed = rotate_checkpoints(run.output_dir, config.checkpoints_total_limit, keep=path)
-        run.log.write(f"Saved {path}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
+        },
+    }
 
-    run_on_main(run.ctx, write)
-    state.last_saved_step, state.last_checkpoint = state.global_step, path
-    return path
+
+def _write_checkpoint(
+    run: Run, path: Path, snapshot: dict[str, Any], rng_states: list, previous: Path | None, pause: float
+) -> None:
+    """On the writer thread: the checkpoint folder (atomically), then the rotation."""
+    start = time.perf_counter()
+    try:
+        save_training_checkpoint(
+            path,
+            step=snapshot["training_state"]["global_step"],
+            unet_config=run.unet_config,
+            schedule_config=run.schedule_config,
+            run_config=run.run_config,
+            rng_states=rng_states,
+            **snapshot,
+        )
+    except OSError as e:  # disk full, quota, I/O error: the write is undone, say so and what to do
+        raise CheckpointSaveError(save_failure_message(path, e, previous)) from e
+    removed = rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit, keep=path)
+    run.log.write(
+        f"Saved {path} (training paused {pause:.2f} s, written in {time.perf_counter() - start:.1f} s in the "
+        "background)" + (f"; removed {', '.join(p.name for p in removed)}" if removed else "")
+    )
 
 
 def restore_state(run: Run, checkpoint: TrainingCheckpoint) -> TrainState:

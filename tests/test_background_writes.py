@@ -1,0 +1,79 @@
+"""Checkpoints written in the background (ddpm.io.background): a snapshot the training cannot change, one write in
+flight at a time, failures raised where the training can stop, the run ending only once the last one is on disk."""
+
+import threading
+import time
+
+import pytest
+import torch
+from helpers import load_script
+
+from ddpm.io.background import BackgroundWriter, host_copy
+
+
+def test_host_copy_is_a_snapshot():
+    weights = {"w": torch.ones(3), "nested": [torch.zeros(2), (torch.arange(2), 5)], "name": "x"}
+    snapshot = host_copy(weights)
+    weights["w"].add_(1)
+    weights["nested"][0].add_(1)
+    weights["nested"][1][0].add_(1)
+    assert torch.equal(snapshot["w"], torch.ones(3)) and torch.equal(snapshot["nested"][0], torch.zeros(2))
+    assert torch.equal(snapshot["nested"][1][0], torch.arange(2)) and snapshot["nested"][1][1] == 5
+    assert snapshot["name"] == "x"
+
+
+def test_one_write_in_flight_and_errors_surface_at_the_next_wait():
+    writer, events, release = BackgroundWriter(), [], threading.Event()
+
+    def slow(name):
+        def write():
+            events.append(f"start {name}")
+            release.wait(5)
+            events.append(f"end {name}")
+
+        return write
+
+    writer.submit(slow("a"))
+    assert writer.busy
+    threading.Timer(0.2, release.set).start()
+    writer.submit(slow("b"))  # waits for "a" first
+    writer.wait()
+    assert events == ["start a", "end a", "start b", "end b"]
+
+    def broken():
+        raise OSError("disk full")
+
+    writer.submit(broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(slow("c"))  # the failure of the previous write, before anything else is written
+    writer.wait()  # raised once only
+    assert "start c" not in events
+
+
+def test_training_continues_while_a_checkpoint_is_written(tmp_path, tiny_train_args, monkeypatch):
+    """A write that takes 1 s: the steps after the save run while it is written, the next save waits for it, and
+    the run returns only after the last checkpoint is complete."""
+    import ddpm.training.loop as loop_module
+    import ddpm.training.state as state_module
+
+    real_save, real_step, events = state_module.save_training_checkpoint, loop_module.optimizer_step, []
+
+    def slow_save(path, **kwargs):
+        events.append(f"write {path.name}")
+        time.sleep(1.0)
+        real_save(path, **kwargs)
+        events.append(f"wrote {path.name}")
+
+    def step(run, batches, index):
+        events.append(f"step {index + 1}")
+        return real_step(run, batches, index)
+
+    monkeypatch.setattr(state_module, "save_training_checkpoint", slow_save)
+    monkeypatch.setattr(loop_module, "optimizer_step", step)
+    args = [*tiny_train_args, "--max_train_steps", "8", "--checkpointing_steps", "4"]
+    result = loop_module.train(load_script("train").parse_args(args + ["--save_model_epochs", "100"]))
+    written = events.index("wrote checkpoint-4")
+    assert events.index("write checkpoint-4") < events.index("step 5") < written  # trained during the write
+    assert events[-2:] == ["write checkpoint-8", "wrote checkpoint-8"]  # the end waited for the last write
+    assert result.last_checkpoint.name == "checkpoint-8"
+    assert (tmp_path / "run" / "checkpoint-8" / "model.safetensors").is_file()
