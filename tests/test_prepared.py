@@ -37,9 +37,10 @@ def test_prepared_images_are_the_decoded_images(tiny_image_dir, datasets_cache, 
     prepared = PreparedImages(tmp_path / "parallel", source.transform)
     shapes = {tuple(prepared.resized(i).shape) for i in range(len(prepared))}
     assert shapes == {(8, 8, 3)} if center_crop else len(shapes) > 1  # random crops are drawn at read time
-    for index in range(len(source)):
-        for aug_seed in (0, 1, 12345):
-            assert torch.equal(prepared[(index, aug_seed)], source[(index, aug_seed)]), (index, aug_seed)
+    keys = [(index, aug_seed) for index in range(len(source)) for aug_seed in (0, 1, 12345)]
+    expected = torch.stack([source[key] for key in keys])
+    assert torch.equal(torch.stack([prepared[key] for key in keys]), expected)
+    assert torch.equal(prepared.__getitems__(keys), expected)  # the DataLoader's batched read
 
 
 def test_training_from_the_prepared_folder_gives_the_same_weights(tmp_path, make_train_args, tiny_image_dir):

@@ -32,7 +32,7 @@ import torch
 
 from ..io.files import atomic_write_dir, read_json, write_json
 from .datasets import ImageDataset
-from .transforms import ImageTransform
+from .transforms import ImageTransform, to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,17 @@ class PreparedImages(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         index, aug_seed = (key, 0) if isinstance(key, int) else key
         return self.transform.augment(self.resized(int(index)), torch.Generator().manual_seed(int(aug_seed)))
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """A whole batch at once (DataLoader calls this instead of ``__getitem__`` per sample): the same values,
+        with the per-sample cost reduced to the random draws and a copy of the pixels."""
+        res, channels = self.transform.resolution, self.transform.channels
+        batch = np.empty((len(keys), res, res, channels), dtype=np.uint8)
+        for row, key in enumerate(keys):
+            index, aug_seed = (key, 0) if isinstance(key, int) else key
+            generator = torch.Generator().manual_seed(int(aug_seed))
+            batch[row] = self.transform.crop_and_flip(self.resized(int(index)), generator)
+        return to_model_range(batch)
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) map the file themselves
         return {**self.__dict__, "_pixels": None}

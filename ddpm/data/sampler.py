@@ -181,4 +181,10 @@ def build_dataloader(
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
+        collate_fn=collate,
     )
+
+
+def collate(samples: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """The DataLoader's batching: a dataset that makes whole batches (``__getitems__``) hands over a tensor as is."""
+    return samples if isinstance(samples, torch.Tensor) else torch.utils.data.default_collate(samples)

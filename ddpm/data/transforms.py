@@ -75,15 +75,28 @@ class ImageTransform:
 
     def augment(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """The random part, on :meth:`resize`'s output: random crop (unless ``center_crop``), flip, scaling to
-        [-1, 1]. Random draws, in order: crop row, crop column (random crop), flip (if enabled)."""
+        [-1, 1] (see :meth:`draw`)."""
+        return to_model_range(self.crop_and_flip(pixels, generator)[None])[0]
+
+    def crop_and_flip(self, pixels: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """A view of ``pixels`` (uint8 ``(H, W, C)``), randomly cropped to ``resolution`` and maybe flipped.
+        Random draws, in order: crop row, crop column (only when there is room), flip (if ``random_flip``)."""
         res = self.resolution
-        x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # a copy: the source may be a read-only memmap
-        height, width = x.shape[1:]
+        height, width = pixels.shape[:2]
         if (height, width) != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
             top = int(torch.randint(0, height - res + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - res + 1, (1,), generator=generator))
-            x = x[:, top : top + res, left : left + res]
+            pixels = pixels[top : top + res, left : left + res]
         if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
-            x = x.flip(-1)
-        # ToTensor's arithmetic (float32, then / 255), then Normalize([0.5], [0.5])
-        return x.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+            pixels = pixels[:, ::-1]
+        return pixels
+
+
+# ToTensor's arithmetic (float32, then / 255), then Normalize([0.5], [0.5]), for each of the 256 pixel values: a
+# lookup gives every pixel exactly the value of those operations, in one pass instead of four.
+_MODEL_RANGE = torch.arange(256, dtype=torch.float32).div(255).sub_(0.5).div_(0.5).numpy()
+
+
+def to_model_range(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` in [-1, 1], as ToTensor then Normalize([0.5], [0.5])."""
+    return torch.from_numpy(np.take(_MODEL_RANGE, pixels.transpose(0, 3, 1, 2)))

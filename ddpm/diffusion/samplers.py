@@ -101,7 +101,7 @@ def ddpm_sample(
     device, dtype = _model_device_dtype(model)
     steps = inference_timesteps(schedule.config, num_inference_steps or schedule.num_train_timesteps)
     x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
-    model_timesteps = torch.tensor(steps, device=device)  # one copy to the device, not one (and a sync) per step
+    model_timesteps = torch.tensor(steps).to(device, non_blocking=True)  # one copy to the device, not one per step
     for i, t in enumerate(steps):
         prev_t = steps[i + 1] if i + 1 < len(steps) else -1
         x = ddpm_step(schedule, model(x, model_timesteps[i]), t, prev_t, x, generator)
@@ -152,7 +152,7 @@ def ddim_sample(
     steps = inference_timesteps(schedule.config, num_inference_steps)
     ratio = schedule.num_train_timesteps // num_inference_steps
     x = _initial_noise(_image_shape(model, batch_size), generator, device, dtype)
-    model_timesteps = torch.tensor(steps, device=device)  # one copy to the device, not one (and a sync) per step
+    model_timesteps = torch.tensor(steps).to(device, non_blocking=True)  # one copy to the device, not one per step
     for i, t in enumerate(steps):
         out = model(x, model_timesteps[i])
         prev_t = t - ratio  # DDIMScheduler's rule, whatever the spacing
