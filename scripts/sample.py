@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> SamplingOptions:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_npz", action="store_true", help=f"also write OUTPUT_DIR/{NPZ_NAME}")
     parser.add_argument("--mixed_precision", choices=sorted(MIXED_PRECISION), default="no", help="network only")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA: as a CUDA graph)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no_ema", action="store_true", help="the live weights of a checkpoint, not its EMA")
     parser.add_argument("--cache_dir", default=None, help="Hugging Face cache folder for Hub ids")

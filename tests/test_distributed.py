@@ -137,10 +137,50 @@ def test_fid_of_two_processes_equals_one_process(tmp_path, make_train_args, rand
         np.testing.assert_allclose(np.load(ddp_cache)[key], np.load(single_cache)[key], rtol=0, atol=1e-6)
 
 
+def test_compiled_step_under_ddp_with_accumulation_and_checkpointing_equals_eager(tmp_path, make_train_args):
+    """--compile captures the whole forward pass (noising, the UNet in DDP, the loss) and its backward, under
+    no_sync on the first micro-step and with gradient checkpointing: the graphs give the eager run's weights, with
+    no recompilation after the first step. The backend is aot_eager (graph capture and autograd without code
+    generation: seconds, not minutes, on a CPU); inductor's code is checked against eager in test_benchmark."""
+    from ddpm.io.files import read_safetensors
+    from ddpm.training.loop import train
+
+    common = ["--max_train_steps", "3", "--gradient_checkpointing", "--gradient_accumulation_steps", "2"]
+    ddp_args = [*make_train_args(tmp_path / "ddp"), *common, "--train_batch_size", "1", "--compile"]
+    done = subprocess.run(
+        torchrun_command(tmp_path / "ranks", ddp_args),
+        env=subprocess_env(DDPM_TEST_COMPILE_BACKEND="aot_eager", TORCH_LOGS="recompiles"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert done.stderr.count("compiling training_loss with aot_eager") == 2  # the whole forward pass, on each rank
+    assert "Recompiling" not in done.stderr
+    single = train(
+        load_script("train").parse_args([*make_train_args(tmp_path / "single"), *common, "--train_batch_size", "2"])
+    )
+    for rank in (0, 1):
+        compiled = read_safetensors(tmp_path / "ranks" / f"rank{rank}.safetensors")
+        assert_same_tensors(compiled, single.unet.state_dict(), **ROUNDING)
+
+
 def _worker() -> None:
     """torchrun entry point: train with the given flags, then write this rank's live weights."""
     from ddpm.io.files import write_safetensors
     from ddpm.training.loop import train
+
+    backend = os.environ.get("DDPM_TEST_COMPILE_BACKEND")
+    if backend:  # --compile with this backend
+        import torch
+
+        compile_ = torch.compile
+
+        def compile_with_backend(model, **kwargs):
+            print(f"compiling {model.__name__} with {backend}", file=sys.stderr)
+            return compile_(model, **{**kwargs, "backend": backend})
+
+        torch.compile = compile_with_backend
 
     out = Path(sys.argv[sys.argv.index("--worker-out") + 1])
     argv = sys.argv[1:]
