@@ -155,7 +155,12 @@ class TrainConfig:
     allow_tf32: bool = _flag(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster float32).")
     gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _flag(False, "torch.compile the model.")
-    channels_last: bool = _flag(False, "Use the channels_last memory format (often faster convolutions on GPUs).")
+    channels_last: bool | None = _flag(
+        None,
+        "Use the channels_last memory format for the UNet and its inputs (faster convolutions). Default: on a CPU "
+        "(measured faster, see the README) and with --mixed_precision fp16/bf16 on a GPU (tensor cores); off for "
+        "float32 on a GPU. --no-channels_last turns it off.",
+    )
     logging_steps: int = _flag(10, "Log (metrics.jsonl, trackers, status line) every N optimizer steps.")
     max_nonfinite_steps: int = _flag(
         100, "Stop when this many optimizer steps in a row have non-finite gradients (they are skipped)."

@@ -49,6 +49,7 @@ class Run:
     unet_config: UNetConfig  # at sample_size = --resolution
     schedule_config: ScheduleConfig
     unet: UNet  # the live weights (the raw module: what is saved, sampled and exported)
+    channels_last: bool  # the memory format of the UNet and its inputs (setup.use_channels_last)
     training_loss: TrainingLoss  # the forward pass: noising, unet (in DDP on several processes), loss; compiled?
     ddp: DistributedDataParallel | None  # the DDP wrapper (for no_sync on non-final micro-steps); None on 1 process
     ema: EMA | None  # --use_ema, on rank 0 only (only it samples and saves)

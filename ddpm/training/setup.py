@@ -103,6 +103,8 @@ def build_run(
     with torch.device("meta"):  # no initialisation (and no draw from the RNG): its weights are copied in when used
         sampling_unet = UNet(unet_config)
     sampling_unet = sampling_unet.to_empty(device=ctx.device).eval().requires_grad_(False)
+    if use_channels_last(config, ctx.device):
+        sampling_unet.to(memory_format=torch.channels_last)
     fid = None
     if config.fid_every_steps:
         fid = _fid_monitor(config, ctx, sampling_unet, sample_schedule, dataset, precision)
@@ -117,6 +119,7 @@ def build_run(
         unet_config=unet_config,
         schedule_config=schedule_config,
         unet=unet,
+        channels_last=use_channels_last(config, ctx.device),
         training_loss=training_loss,
         ddp=ddp,
         ema=ema,
@@ -243,10 +246,20 @@ def _build_unet(
     unet = UNet(unet_config)
     if init_weights is not None:
         unet.load_state_dict(init_weights)
-    unet.to(ctx.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if use_channels_last(config, ctx.device) else torch.contiguous_format
+    unet.to(ctx.device, memory_format=memory_format)
     unet.gradient_checkpointing = config.gradient_checkpointing
     torch.manual_seed(derive_seed(seed, SeedStream.PROCESS, ctx.rank))  # dropout etc.: a stream per rank, from now on
     return unet
+
+
+def use_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    """--channels_last, or by default: on a CPU, where oneDNN's channels-last convolutions measured faster (README,
+    Performance), and under fp16/bf16 autocast on a GPU, whose tensor-core convolutions run channels-last (what
+    scripts/gpu_check.py's benchmark measures)."""
+    if config.channels_last is not None:
+        return config.channels_last
+    return device.type == "cpu" or config.mixed_precision != "no"
 
 
 def _build_optimizer(

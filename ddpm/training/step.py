@@ -52,7 +52,7 @@ def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> Step
         x0 = next(batches)
         data_wait += time.perf_counter() - wait_start
         x0 = x0.to(device, non_blocking=True)  # from pinned memory on CUDA: the copy overlaps the step
-        if config.channels_last:
+        if run.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         share = sampler.micro_slice(micro)  # where this rank's images sit in the global batch
         final = micro == accum - 1  # gradients are all-reduced once, on the last micro-step
