@@ -209,3 +209,16 @@ def test_quick_run_on_cuda_reports_mfu_and_memory():
             assert _finite_positive(row[phase]["peak_mem_mb"])
             if document["results"][0]["peak_tflops"]:
                 assert 0 < row[phase]["mfu"] < 1
+
+
+def test_the_data_benchmark_times_the_loader_and_trains_the_same_weights(tmp_path):
+    """scripts/benchmark_data.py on 128 synthetic photographs: the prepared copy is read faster than the JPEGs are
+    decoded, and scripts/train.py from either gives the same weights."""
+    document = load_script("benchmark_data").main(
+        ["--work_dir", str(tmp_path), "--count", "128", "--workers", "0", "--batches", "4", "--train", "--train_steps",
+         "6", "--num_proc", "2"]
+    )  # fmt: skip
+    (row,) = document["loader"]["rows"]
+    assert row["prepared_img_s"] > row["folder_img_s"]
+    assert document["train"]["identical_weights"] is True
+    assert 0 <= document["train"]["prepared"]["data_wait"] <= 1

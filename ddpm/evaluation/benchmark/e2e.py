@@ -64,7 +64,8 @@ def _train_command(
         "--ddpm_num_inference_steps", "1",
         "--seed", "0",
         "--device", device.type,
-    ] + [f"--{lever}" for lever in _train_levers(options)]  # fmt: skip
+        "--channels_last" if options.channels_last else "--no-channels_last",  # as the raw row it is compared with
+    ] + (["--compile"] if options.compile else [])  # fmt: skip
 
 
 def _throughput(records: list[dict[str, Any]], batch: int, raw_img_s: float) -> dict[str, Any] | None:
