@@ -32,14 +32,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--count", type=int, default=512, help="JPEGs in the folder")
     parser.add_argument("--resolution", type=int, default=64, help="Training resolution of the loader figures")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
-    parser.add_argument("--batches", type=int, default=40, help="Timed batches of 128 from the prepared copy")
+    parser.add_argument("--batch_size", type=int, default=128, help="Images per loader batch (--train: up to 32)")
+    parser.add_argument("--batches", type=int, default=40, help="Timed batches from the prepared copy")
     parser.add_argument("--train", action="store_true", help="Also time scripts/train.py from both (16 px)")
     parser.add_argument("--train_steps", type=int, default=40, help="Optimizer steps of each --train run")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="Processes preparing the copies")
     parser.add_argument("--json", type=Path, help="Also write the results here")
     args = parser.parse_args(argv)
-    if args.count < 128:
-        parser.error(f"--count={args.count}: at least one batch of 128")
+    if args.count < args.batch_size:
+        parser.error(f"--count={args.count}: at least one batch (--batch_size {args.batch_size})")
     photos = make_photo_folder(args.work_dir / "photos", args.count, args.sources)
     document = {
         "loader": loader_rates(
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.work_dir / f"prepared-{args.resolution}",
             resolution=args.resolution,
             workers=args.workers,
+            batch_size=args.batch_size,
             batches=args.batches,
             num_proc=args.num_proc,
         )
@@ -58,7 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.train:
         document["train"] = train_rates(
-            photos, args.work_dir / "prepared-16-random", TRAIN_SCRIPT, args.work_dir, steps=args.train_steps
+            photos,
+            args.work_dir / "prepared-16-random",
+            TRAIN_SCRIPT,
+            args.work_dir,
+            steps=args.train_steps,
+            batch_size=min(args.batch_size, 32),
         )
         t = document["train"]
         print(

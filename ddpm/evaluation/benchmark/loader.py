@@ -149,7 +149,7 @@ def train_rates(
             sys.executable, str(train_script), "--train_data_dir", str(source), "--cache_dir", str(work_dir / "cache"),
             "--model_config_name_or_path", str(model), "--resolution", str(resolution), "--random_flip",
             "--train_batch_size", str(batch_size), "--max_train_steps", str(steps), "--logging_steps", "5",
-            "--checkpointing_steps", str(steps), "--save_images_epochs", "10000", "--save_model_epochs", "10000",
+            "--checkpointing_steps", str(steps), "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1",
             "--dataloader_num_workers", str(workers), "--logger", "none", "--seed", "0", "--output_dir",
             str(output_dir),
         ]  # fmt: skip
