@@ -4,6 +4,8 @@ One test per failure, its docstring naming the bullet it covers. Bullets already
 with the test that covers them, so that this file reads as the whole catalogue:
 
 Bad input
+- one line, ``train.py: error: ...``, no traceback (also once under torchrun): test_bad_input_stops_with_one_line_and_
+  no_traceback, test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself
 - empty dataset: test_data.py::test_empty_and_missing_folders (and GlobalBatchSampler's "fewer than one global
   batch": test_data.py::test_sampler_argument_errors)
 - no image column: test_data.py::test_image_column_errors
@@ -120,7 +122,7 @@ def resume_args(make_train_args, out, *extra):
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
-def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args, caplog):
+def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args):
     """Data: a truncated image file gives an error naming it, or is skipped and counted with --skip_corrupt_images."""
     folder = tmp_path / "images"
     folder.mkdir()
@@ -130,9 +132,8 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     data = (folder / "img_07.png").read_bytes()
     (folder / "img_07.png").write_bytes(data[: len(data) // 2])
     args = [*make_train_args(tmp_path / "strict"), "--train_data_dir", str(folder), *QUIET]
-    with caplog.at_level(logging.ERROR):
-        assert script.main(args) == 1
-    assert "img_07.png" in caplog.text and "--skip_corrupt_images" in caplog.text
+    with pytest.raises(SystemExit, match=r"^train\.py: error: .*img_07\.png.*--skip_corrupt_images"):
+        script.main(args)
     with pytest.raises(CorruptImageError, match=r"img_07\.png"):  # the Python API raises it
         run([*args, "--overwrite_output_dir"])
 
@@ -140,6 +141,60 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     lenient = run([*make_train_args(tmp_path / "lenient"), "--train_data_dir", str(folder), "--skip_corrupt_images"])
     assert lenient.global_step == 4
     assert [m["corrupt_images_skipped"] for m in read_metrics(tmp_path / "lenient")][-1] == 1
+
+
+def finish(command, hf_home):
+    """Run ``command`` to its end, with no Hugging Face token anywhere (``hf_home``: an empty folder)."""
+    env = subprocess_env(HF_HOME=str(hf_home))
+    env.pop("HF_TOKEN", None)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("train.py: error: ")]
+
+
+@pytest.mark.parametrize(
+    "case, status, message",
+    [
+        ("missing --train_data_dir", 1, "--train_data_dir '{out}/nope': no such folder"),
+        ("a second run on a run's folder", 1, "--output_dir {out}/run already holds a training run"),
+        ("a bad flag value", 2, "argument --lr_scheduler: invalid choice: 'cosine_annealing'"),
+        ("--push_to_hub without a token", 1, "no Hugging Face token: pass --hub_token"),
+    ],
+)
+def test_bad_input_stops_with_one_line_and_no_traceback(trained, tmp_path, make_train_args, case, status, message):
+    """Bad input, as a user sees it: ``train.py: error: <message naming the flag or file>`` on one line, a non-zero
+    exit status (2 for a usage error, as argparse), no Python traceback."""
+    out = tmp_path
+    args = make_train_args(out / "run")
+    if case == "missing --train_data_dir":
+        args += ["--train_data_dir", str(out / "nope")]
+    elif case == "a second run on a run's folder":
+        shutil.copytree(trained, out / "run")
+    elif case == "a bad flag value":
+        args += ["--lr_scheduler", "cosine_annealing"]
+    else:
+        args += ["--push_to_hub", "--hub_model_id", "me/tiny"]
+    done = finish([sys.executable, str(ROOT / "scripts" / "train.py"), *args], tmp_path / "hf_home")
+    assert done.returncode == status, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    (line,) = error_lines(done.stderr)
+    assert message.format(out=out) in line
+
+
+def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself(tmp_path, make_train_args):
+    """Bad input under ``torchrun --nproc_per_node=2`` (--push_to_hub without a token, found by rank 0 before any
+    data is read): the one-line error is printed once, every worker exits with status 1 (no worker killed by a signal,
+    no worker traceback). torchrun itself then reports the failed workers, with a traceback of its own launcher."""
+    args = [*make_train_args(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "me/tiny"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = finish([*launcher, str(ROOT / "scripts" / "train.py"), *args], tmp_path / "hf_home")
+    assert done.returncode != 0
+    (line,) = error_lines(done.stderr)
+    assert "no Hugging Face token: pass --hub_token" in line
+    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]  # no signal death
+    assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
 
 
 POSITIVE_INTEGERS = [
@@ -310,7 +365,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_latest_resu
     assert a["ema"] == b["ema"]  # the EMA's step count and decay settings
 
 
-def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tiny_train_args, monkeypatch, caplog):
+def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tiny_train_args, monkeypatch):
     """Faults: ENOSPC while saving gives a clear error, the previous checkpoint stays intact, the temporary folder
     is removed, and ``latest`` resumes from the previous checkpoint."""
     real_write = checkpoint_module.write_safetensors
@@ -322,11 +377,13 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tin
         real_write(tensors, path)
 
     monkeypatch.setattr(checkpoint_module, "write_safetensors", disk_full_at_step_4)
-    with caplog.at_level(logging.ERROR):
-        assert script.main(tiny_train_args) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(tiny_train_args)
     out = tmp_path / "run"
-    assert "could not save" in caplog.text and "checkpoint-4 (the disk is full): [Errno 28]" in caplog.text
-    assert f"the previous checkpoint {out / 'checkpoint-2'} is intact; free some space" in caplog.text
+    message = str(exit_info.value.code)
+    assert message.startswith("train.py: error: ") and "\n" not in message
+    assert "could not save" in message and "checkpoint-4 (the disk is full): [Errno 28]" in message
+    assert f"the previous checkpoint {out / 'checkpoint-2'} is intact; free some space" in message
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert not list(out.glob(".tmp-*"))
     assert load_training_checkpoint(out / "checkpoint-2").step == 2

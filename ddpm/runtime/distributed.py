@@ -50,6 +50,11 @@ class DistributedContext:
         return self.world_size > 1
 
 
+class PeerFailed(RuntimeError):
+    """Rank 0 failed in work the other ranks waited for (:func:`run_on_main`); rank 0 reports its error, this one
+    only carries it to the ranks that waited."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -102,6 +107,34 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, local_rank
     return DistributedContext(rank, local_rank, world_size, torch_device, control)
 
 
+def leave_together(timeout_s: float = 30.0) -> None:
+    """Before this ``torchrun`` worker exits on an error that every rank meets (a bad flag, an error rank 0 shared):
+    count this rank out in the launcher's store; rank 0 then waits (at most ``timeout_s``) until every rank has.
+
+    torchrun's agent stops the remaining workers with SIGTERM as soon as one has failed: without this, rank 0 exits
+    first and the others, a moment behind, die by that signal. A worker counted out ignores SIGTERM (it is leaving
+    anyway). A no-op outside torchrun, whose store this needs (``TORCHELASTIC_USE_AGENT_STORE``).
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        key = f"ddpm/leaving/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while _env_int("RANK", 0) == 0 and store.add(key, 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, KeyError, ValueError):  # no store to reach: leave now, as without torchrun
+        pass
+
+
 def shutdown(ctx: DistributedContext) -> None:
     """Leave the process group (a no-op for a single process)."""
     if ctx.is_distributed and dist.is_initialized():
@@ -133,7 +166,8 @@ def gather_objects(ctx: DistributedContext, obj: Any) -> list[Any]:
 
 
 def run_on_main(ctx: DistributedContext, fn: Callable[..., Any], *args: Any, share: bool = True) -> Any:
-    """Run ``fn(*args)`` on rank 0 while the other ranks wait; its error is raised on every rank (none waits forever).
+    """Run ``fn(*args)`` on rank 0 while the other ranks wait; its error is raised on every rank (none waits forever):
+    rank 0's own, :class:`PeerFailed` on the others.
 
     Returns ``fn``'s result on rank 0, and on the others too when ``share`` (it must then be small and picklable).
     """
@@ -147,7 +181,7 @@ def run_on_main(ctx: DistributedContext, fn: Callable[..., Any], *args: Any, sha
         message = f"{type(error).__name__}: {error}" if error is not None else None
         shared, message = broadcast_object(ctx, (result if share else None, message))
         if message is not None and error is None:
-            raise RuntimeError(f"rank 0 failed: {message}")
+            raise PeerFailed(f"rank 0 failed: {message}")
         if not ctx.is_main:
             result = shared
     if error is not None:
