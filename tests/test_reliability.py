@@ -21,6 +21,8 @@ Bad input
 Faults
 - non-finite losses stop the run after --max_nonfinite_steps in a row, keeping the last good checkpoint:
   test_train.py::test_nonfinite_steps_are_skipped_counted_and_stop_the_run
+- a worker killed under ``torchrun --max-restarts``: the restarted workers resume by themselves:
+  test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself_bit_exactly
 - SIGTERM / SIGINT save and exit cleanly, a second signal exits at once: test_train_signals.py (all three tests),
   test_distributed.py::test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
 - resuming 2 -> 1 processes with the same global batch: test_distributed.py::
@@ -433,6 +435,41 @@ def test_a_killed_rank_makes_torchrun_fail_fast(tmp_path, make_train_args):
     elapsed = time.monotonic() - killed_at
     assert torchrun.returncode != 0 and elapsed < 60, (elapsed, stderr[-4000:])
     assert "Signal 9 (SIGKILL) received by PID" in stderr
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself_bit_exactly(tmp_path, make_train_args):
+    """Faults: under ``torchrun --max-restarts 1``, a worker killed with SIGKILL mid-run makes torchrun restart the
+    workers; with no resume flag they continue from the latest complete checkpoint and end bit-equal (live and EMA
+    weights, optimizer state, data position) to an uninterrupted run of the same command."""
+    # 2 processes x batch 2 = 4 steps per epoch: the checkpoints resumed from lie inside epochs as well as at their end
+    common = ["--train_batch_size", "2", "--lr_scheduler", "constant", "--use_ema", "--checkpointing_steps", "2"]
+    common += [*QUIET, "--max_train_steps", "30", "--ddp_timeout", "60"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "restarted"
+    worker = [__file__, str(tmp_path / "pids"), *make_train_args(out), *common]
+    torchrun = start([*launcher, "--max-restarts", "1", *worker])
+    try:
+        wait_for_metrics(out, 5, [torchrun])  # checkpoint-2 and checkpoint-4 are written
+        os.kill(int((tmp_path / "pids" / "rank1.pid").read_text()), signal.SIGKILL)
+        _, stderr = torchrun.communicate(timeout=300)
+    finally:
+        kill_all([torchrun])
+    assert torchrun.returncode == 0, stderr[-4000:]
+    match = re.search(r"torchrun restarted the workers \(restart 1\): resuming from (\S+)", stderr)
+    assert match and match.group(1) != "the", stderr[-4000:]
+    resumed_step = load_training_checkpoint(match.group(1)).step
+    assert 2 <= resumed_step < 30
+
+    straight = tmp_path / "straight"
+    done = start([*launcher, str(ROOT / "scripts" / "train.py"), *make_train_args(straight), *common])
+    assert done.wait(timeout=600) == 0, done.communicate()[1][-4000:]
+    a_dir, b_dir = out / "checkpoint-30", straight / "checkpoint-30"
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same_tensors(read_safetensors(a_dir / name), read_safetensors(b_dir / name))
+    assert_same_tensors(optimizer_tensors(a_dir), optimizer_tensors(b_dir))
+    position = ("global_step", "epoch", "step_in_epoch", "samples_seen", "skipped_steps", "lr_scheduler", "ema")
+    a, b = (read_torch_state(folder / "training_state.pt") for folder in (a_dir, b_dir))
+    assert {k: a[k] for k in position} == {k: b[k] for k in position}
 
 
 def test_a_hung_rank_fails_the_others_after_ddp_timeout(tmp_path, make_train_args):

@@ -65,6 +65,12 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def restart_count() -> int:
+    """How many times ``torchrun --max-restarts`` has restarted this worker group (0: the first start, or no
+    torchrun)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def resolve_device(device: str, local_rank: int) -> torch.device:
     """``auto`` picks this rank's GPU when CUDA is available, else the CPU; ``cpu`` / ``cuda`` force it."""
     if device not in ("auto", "cpu", "cuda"):
@@ -98,13 +104,27 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, local_rank
     if world_size == 1:
         return DistributedContext(device=torch_device)
     timeout = timedelta(seconds=timeout_s)
+    group = dict(timeout=timeout, store=agent_store(timeout), rank=rank, world_size=world_size)
     if torch_device.type == "cuda":
-        dist.init_process_group("nccl", timeout=timeout, device_id=torch_device)
+        dist.init_process_group("nccl", device_id=torch_device, **group)
         control = dist.new_group(backend="gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", **group)
         control = dist.group.WORLD
     return DistributedContext(rank, local_rank, world_size, torch_device, control)
+
+
+def agent_store(timeout: timedelta) -> dist.Store | None:
+    """torchrun's key-value store, under a prefix of its own for each restart (None without torchrun's agent: the
+    process group then finds its store through ``MASTER_ADDR``/``MASTER_PORT`` itself).
+
+    The agent keeps one store across ``--max-restarts`` restarts: a process group formed again under the same keys
+    can read the addresses the killed workers published there, and gloo then fails to connect (seen with torch 2.14).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"ddpm/restart_{restart_count()}", store)
 
 
 def leave_together(timeout_s: float = 30.0) -> None:
@@ -120,16 +140,10 @@ def leave_together(timeout_s: float = 30.0) -> None:
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        key = f"ddpm/leaving/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        store.add(key, 1)
+        store = agent_store(timedelta(seconds=timeout_s))
+        store.add("leaving", 1)
         deadline = time.monotonic() + timeout_s
-        while _env_int("RANK", 0) == 0 and store.add(key, 0) < world_size and time.monotonic() < deadline:
+        while _env_int("RANK", 0) == 0 and store.add("leaving", 0) < world_size and time.monotonic() < deadline:
             time.sleep(0.05)
     except (RuntimeError, KeyError, ValueError):  # no store to reach: leave now, as without torchrun
         pass

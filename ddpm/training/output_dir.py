@@ -3,6 +3,9 @@
 A fresh start in a folder that holds a previous run is refused (it would mix two runs' checkpoints and logs) unless
 ``--overwrite_output_dir`` clears it first or ``--resume_from_checkpoint`` continues it. Rank 0 does this alone,
 before any data is read; the remains of an interrupted checkpoint save are removed at the same time.
+
+A worker that ``torchrun --max-restarts`` restarted continues its run: it resumes from the latest complete
+checkpoint in the folder (else from what the flags name) and never clears the folder, whatever the flags say.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..io.checkpoint import (
     missing_files,
     remove_interrupted_saves,
 )
+from ..runtime.distributed import restart_count
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -34,10 +38,15 @@ RUN_MARKERS = ("model_index.json", "unet", "scheduler")
 def prepare_output_dir(config: TrainConfig) -> Path | None:
     """Rank 0: clear or check ``--output_dir`` and create it; returns the checkpoint to resume from (None: fresh)."""
     out = Path(config.output_dir)
-    if config.overwrite_output_dir:
+    restarts, resume = restart_count(), None
+    if restarts:  # the flags started this run, and this worker continues it from where it got to
+        resume = latest_checkpoint(out, resumable=True)
+        logger.info("torchrun restarted the workers (restart %d): resuming from %s", restarts, resume or "the start")
+    elif config.overwrite_output_dir:
         clear_previous_run(out, config.logging_dir)
-    resume = resolve_resume(config.resume_from_checkpoint, out)
-    if resume is None and config.resume_from_checkpoint is None and out.is_dir():
+    if resume is None:
+        resume = resolve_resume(config.resume_from_checkpoint, out)
+    if resume is None and config.resume_from_checkpoint is None and not restarts and out.is_dir():
         found = sorted(p.name for p in out.iterdir() if p.name in RUN_MARKERS) + [p.name for p in list_checkpoints(out)]
         if found:
             raise ValueError(
