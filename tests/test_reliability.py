@@ -6,6 +6,8 @@ with the test that covers them, so that this file reads as the whole catalogue:
 Bad input
 - one line, ``train.py: error: ...``, no traceback (also once under torchrun): test_bad_input_stops_with_one_line_and_
   no_traceback, test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself
+- a second run on a folder in use, a stale lock: test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_dead_runs_
+  lock_is_taken_over
 - empty dataset: test_data.py::test_empty_and_missing_folders (and GlobalBatchSampler's "fewer than one global
   batch": test_data.py::test_sampler_argument_errors)
 - no image column: test_data.py::test_image_column_errors
@@ -68,6 +70,7 @@ from ddpm.data.datasets import CorruptImageError
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
+from ddpm.io.lock import LOCK_NAME
 from ddpm.training.config import TrainConfig
 from ddpm.training.errors import CheckpointSaveError
 from ddpm.training.loop import train
@@ -197,6 +200,33 @@ def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itsel
     assert "no Hugging Face token: pass --hub_token" in line
     assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]  # no signal death
     assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_dead_runs_lock_is_taken_over(
+    tmp_path, make_train_args, caplog
+):
+    """One writer per folder: a run started on an --output_dir that a running training holds stops at once with one
+    line naming the other run's process; once that run is gone (SIGKILL: its lock stays behind), the next run takes
+    the stale lock over with a warning, and releases it when it ends."""
+    out = tmp_path / "run"
+    train_py = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    first = start([*train_py, *make_train_args(out), "--max_train_steps", "100000", "--checkpointing_steps", "100000"])
+    try:
+        wait_for_metrics(out, 1, [first])
+        second = finish([*train_py, *make_train_args(out), "--resume_from_checkpoint", "latest"], tmp_path / "hf")
+        assert first.poll() is None  # untouched by the second
+    finally:
+        kill_all([first])
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-4000:]
+    (line,) = error_lines(second.stderr)
+    assert f"--output_dir {out} is in use by another training run (pid {first.pid} on {socket.gethostname()}" in line
+    assert not list(out.glob("checkpoint-*"))  # the second wrote nothing (the first saves no checkpoint)
+
+    assert (out / LOCK_NAME).is_file()  # left behind by the killed run
+    with caplog.at_level(logging.WARNING):
+        run([*make_train_args(out), "--resume_from_checkpoint", "latest", "--max_train_steps", "2"])
+    assert f"taking over the lock of a run that is no longer running (pid {first.pid} on" in caplog.text
+    assert not (out / LOCK_NAME).exists()
 
 
 POSITIVE_INTEGERS = [
