@@ -7,6 +7,7 @@ import torch
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, ddim_sample, ddpm_sample, inference_timesteps
+from ddpm.diffusion.schedule import BETA_SCHEDULES
 from ddpm.io.diffusers_format import schedule_config_from_diffusers, unet_config_from_diffusers
 from ddpm.io.images import save_grid, to_uint8
 
@@ -15,7 +16,7 @@ from ddpm.io.images import save_grid, to_uint8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)  # every one DDPMScheduler accepts
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_schedule_arrays_equal_diffusers(beta_schedule, zero_snr):
     reference = diffusers.DDPMScheduler(beta_schedule=beta_schedule, rescale_betas_zero_snr=zero_snr)

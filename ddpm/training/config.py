@@ -17,7 +17,7 @@ from typing import Any
 
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..runtime.precision import MIXED_PRECISION
-from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
+from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, parse_step_rules
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
 DEFAULT_UNET = {
@@ -152,6 +152,11 @@ class TrainConfig:
         None, "Cosine waves (cosine, default 0.5) or hard restarts (cosine_with_restarts, default 1)."
     )
     lr_power: float = _flag(1.0, "Power of the polynomial schedule.")
+    lr_step_rules: str | None = _flag(
+        None,
+        "Multipliers of the piecewise_constant schedule (diffusers' step_rules): '1:1000,0.1:2000,0.01' is 1 before "
+        "step 1000, 0.1 before step 2000, then 0.01.",
+    )
     allow_tf32: bool = _flag(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster float32).")
     gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _flag(False, "torch.compile the model.")
@@ -271,6 +276,8 @@ def _check_rates(config: TrainConfig) -> None:
         raise _bad(config, "learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
     if config.lr_num_cycles is not None and not config.lr_num_cycles > 0:
         raise _bad(config, "lr_num_cycles", "must be positive")
+    if config.lr_scheduler == "piecewise_constant":
+        parse_step_rules(config.lr_step_rules)
 
 
 def _check_combinations(config: TrainConfig) -> None:

@@ -248,6 +248,7 @@ def _build_optimizer(
         total_steps,
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,
+        step_rules=config.lr_step_rules,
     )
     return optimizer, fused, lr_scheduler
 
