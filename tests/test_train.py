@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import logging
+import re
 import shlex
 import shutil
 import sys
@@ -70,10 +71,7 @@ def test_guide_commands_run_shortened(name, tmp_path, make_train_args, caplog):
     if name == "multi_gpu":
         state = read_torch_state(out / "checkpoint-2" / "training_state.pt")
         assert state["grad_scaler"]["scale"] > 0  # fp16 ran with a GradScaler
-        if WANDB_INSTALLED:  # a real (offline, see conftest) wandb run was written next to the metrics
-            assert list((out / "logs" / "wandb").glob("*run-*")), "no wandb run folder"
-        else:
-            assert "--logger wandb: the wandb package is not installed; skipping it" in caplog.text
+        assert list((out / "logs" / "wandb").glob("*run-*")), "no wandb run folder"  # offline (see conftest)
     else:
         assert list((out / "logs" / "train_unconditional").glob("events.out.tfevents.*"))
 
@@ -357,14 +355,34 @@ def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp
         assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("tracker, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
-def test_a_missing_tracker_is_skipped_with_a_warning(tmp_path, tiny_train_args, monkeypatch, caplog, tracker, module):
+@pytest.mark.parametrize(
+    "tracker, module, install",
+    [
+        ("tensorboard", "torch.utils.tensorboard", "pip install tensorboard"),
+        ("wandb", "wandb", 'pip install -e ".[wandb]"'),
+    ],
+)
+def test_a_missing_tracker_stops_the_run_at_start_saying_what_to_install(
+    tmp_path, tiny_train_args, monkeypatch, capsys, tracker, module, install
+):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed (whether it is or not)
-    with caplog.at_level(logging.WARNING):
-        result = run([*tiny_train_args, "--logger", tracker, "--max_train_steps", "1"])
-    assert result.global_step == 1
-    assert f"--logger {tracker}: the {tracker} package is not installed; skipping it" in caplog.text
-    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]  # metrics.jsonl is written all the same
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*tiny_train_args, "--logger", tracker])
+    assert exit_info.value.code == 2  # a usage error: the flag asks for what is not there
+    line = f"train.py: error: --logger {tracker}: the {tracker} package is not installed: {install}"
+    assert capsys.readouterr().err.startswith(line)
+    config = script.parse_args(tiny_train_args)
+    config.logger = tracker
+    with pytest.raises(ValueError, match=re.escape(install)):  # the Python API checks it too
+        train(config)
+    assert not (tmp_path / "run").exists()  # before anything was written
+
+
+def test_tensorboard_is_a_dependency_of_the_package():
+    """The README's main command (``pip install -e .``) installs the default --logger's package."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert '"tensorboard>=' in dependencies
 
 
 @pytest.mark.skipif(not WANDB_INSTALLED, reason="wandb is not installed (its absence is tested above)")

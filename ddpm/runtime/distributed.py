@@ -87,7 +87,7 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0, local_rank: int = -1) -> DistributedContext:
+def init_distributed(device: str = "auto", timeout_s: float = 7200.0, local_rank: int = -1) -> DistributedContext:
     """Join the ``torchrun`` process group if there is one, else describe a single process.
 
     ``local_rank`` is the legacy ``--local_rank`` flag of ``torch.distributed.launch``; ``LOCAL_RANK`` from the

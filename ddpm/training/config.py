@@ -106,7 +106,8 @@ class TrainConfig:
     hub_private_repo: bool = _flag(False, "Create the Hub repo as private.")
     logger: str = _flag(
         "tensorboard",
-        "Experiment tracker besides logs/metrics.jsonl (skipped with a warning when not installed).",
+        "Experiment tracker besides logs/metrics.jsonl. tensorboard is installed with the package; wandb with "
+        '`pip install -e ".[wandb]"` (a run with --logger wandb without it stops at start).',
         ("tensorboard", "wandb", "none"),
     )
     logging_dir: str = _flag("logs", "Log folder, relative to --output_dir.")
@@ -165,7 +166,11 @@ class TrainConfig:
     max_nonfinite_steps: int = _flag(
         100, "Stop when this many optimizer steps in a row have non-finite gradients (they are skipped)."
     )
-    ddp_timeout: int = _flag(1800, "Seconds a rank waits for the others before failing (instead of hanging).")
+    ddp_timeout: int = _flag(
+        7200,
+        "Seconds a rank waits for the others before failing (instead of hanging); upstream's 7200: rank 0 alone "
+        "prepares the dataset and writes sample grids and exports while the others wait.",
+    )
     fid_every_steps: int = _flag(
         0,
         "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (DDIM) against "

@@ -7,7 +7,6 @@ as ``train/<key>`` or ``eval/<key>``, to the tracker of ``--logger``. On other r
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from tqdm.auto import tqdm
 
 from ..io.images import to_uint8
 from .config import TrainConfig
-
-logger = logging.getLogger(__name__)
 
 TRACKER_PROJECT = "train_unconditional"  # TensorBoard sub-folder / wandb project, as accelerate names them
 METRICS_FILE = "metrics.jsonl"
@@ -38,20 +35,15 @@ class RunLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(log_dir / METRICS_FILE)
         self.metrics = open(log_dir / METRICS_FILE, "a")  # appended to by resumed runs; closed in close()
+        # the package is there: ddpm.training.setup.check_config refused the flag otherwise
         if config.logger == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.warning("--logger tensorboard: the tensorboard package is not installed; skipping it")
-            else:
-                self.tensorboard = SummaryWriter(str(log_dir / TRACKER_PROJECT))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(log_dir / TRACKER_PROJECT))
         elif config.logger == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                logger.warning("--logger wandb: the wandb package is not installed; skipping it")
-            else:
-                self.wandb = wandb.init(project=TRACKER_PROJECT, config=run_config, dir=str(log_dir))
+            import wandb
+
+            self.wandb = wandb.init(project=TRACKER_PROJECT, config=run_config, dir=str(log_dir))
 
     def start_bar(self, total: int, initial: int) -> None:
         if self.enabled and self.tty:

@@ -9,6 +9,7 @@ DDP / compile wrapper, the noise schedules, the FID monitor and the run log.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import secrets
 from pathlib import Path
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 def check_config(config: TrainConfig, device: torch.device | None = None) -> None:
     """What the settings alone cannot tell: a ValueError naming the flag when the model config cannot be read or
-    --resolution does not suit it, or when --mixed_precision cannot run on ``device``.
+    --resolution does not suit it, when the --logger's package is not installed, or when --mixed_precision cannot run
+    on ``device``.
 
     A model config on the Hub is only read by :func:`build_run`. Without ``device`` (a command line being parsed) the
     precision is checked for a CPU run only: a GPU is checked once this rank's device is set, without initialising
@@ -57,11 +59,29 @@ def check_config(config: TrainConfig, device: torch.device | None = None) -> Non
     model_config = config.model_config_name_or_path
     if config.pretrained_model_name_or_path is None and (model_config is None or not is_hub_id(model_config)):
         unet_config(config)
+    _check_tracker(config.logger)
     if device is None:
         device = resolve_device(config.device, max(config.local_rank, 0))
         if device.type != "cpu":
             return
     Precision(config.mixed_precision, device).check_supported()
+
+
+# What to install for each --logger (upstream stops with an ImportError too, rather than train without a tracker).
+TRACKER_INSTALL = {
+    "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard (a dependency of this package)"),
+    "wandb": ("wandb", 'pip install -e ".[wandb]"'),
+}
+
+
+def _check_tracker(name: str) -> None:
+    if name not in TRACKER_INSTALL:
+        return
+    module, install = TRACKER_INSTALL[name]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"--logger {name}: the {name} package is not installed: {install}") from None
 
 
 def build_run(
