@@ -275,7 +275,8 @@ def test_quickstart_recipe_trains_the_digits_model(monkeypatch, tmp_path):
     records = read_metrics(out)
     assert records[-1]["step"] == 2 and math.isfinite(records[-1]["loss"])
     with Image.open(out / "samples" / "step_000002.png") as grid:  # 4 one-channel 16x16 samples, 2 per row
-        assert grid.mode == "L" and grid.size == (2 * (16 + 2) + 2,) * 2  # torchvision's make_grid layout
+        # torchvision's make_grid layout, the 16 px samples scaled x16 so that the grid is >= 512 px wide
+        assert grid.mode == "L" and grid.size == (2 * (256 + 2) + 2,) * 2
     checkpoint = load_training_checkpoint(out / "checkpoint-2")
     assert checkpoint.step == 2 and checkpoint.ema_state is not None
 
