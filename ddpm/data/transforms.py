@@ -3,7 +3,8 @@
 :class:`ImageTransform` is ``Resize(res, bilinear)`` (shorter side) -> ``CenterCrop``/``RandomCrop`` -> optional
 horizontal flip -> ``ToTensor`` -> ``Normalize([0.5], [0.5])``, on the image converted to the model's channel
 count. Unlike ``image.convert("RGB")``, 16-bit and float images are rescaled to 8 bits instead of clipped (see
-:func:`convert_image`).
+:func:`convert_image`), or with ``preserve_precision`` (train_unconditional's ``--preserve_input_precision``) kept at
+full precision: converted to float32 first, then resized, cropped and flipped as tensors (see :func:`to_float`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ def convert_image(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
+def to_float(image: Image.Image, channels: int) -> torch.Tensor:
+    """``image`` as a float32 ``(channels, H, W)`` tensor in [0, 1] without rounding to 8 bits.
+
+    16-bit modes (``"I;16*"``, ``"I"``) are divided by 65535 (``"I"`` clipped to 0..65535 first); ``"F"`` is kept as
+    it is (taken to hold 0..1); other modes are converted as by :func:`convert_image` and divided by 255. A
+    one-channel image is repeated to 3 channels for a 3-channel model (upstream's ``_ensure_three_channels``).
+    """
+    if image.mode.startswith("I"):
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 65535
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+    else:
+        array = np.asarray(convert_image(image, channels), dtype=np.float64) / 255
+    tensor = torch.from_numpy(array.astype(np.float32))
+    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    if tensor.shape[0] != channels:  # a 16-bit or float grayscale image for an RGB model
+        tensor = tensor.expand(channels, -1, -1).contiguous()
+    return tensor
+
+
 @dataclass
 class ImageTransform:
     """train_unconditional's augmentations, with every random choice drawn from an explicit generator.
@@ -44,13 +65,16 @@ class ImageTransform:
     ``resolution``: output size; the shorter side is resized to it (bilinear, antialiased; smaller images are
     upscaled), then a ``resolution`` square is cropped: centred if ``center_crop``, else at a random offset.
     ``random_flip``: flip horizontally with probability 0.5. ``channels``: 1 or 3 (see :func:`convert_image`).
-    Output: float32 ``(channels, resolution, resolution)`` in [-1, 1] (``(x/255 - 0.5) / 0.5``).
+    ``preserve_precision``: the image becomes float32 before the resize (see :func:`to_float`), so 16-bit and float
+    pixels are never rounded to 8 bits. Output: float32 ``(channels, resolution, resolution)`` in [-1, 1]
+    (``(x/255 - 0.5) / 0.5``, or ``(x - 0.5) / 0.5`` of the float image).
     """
 
     resolution: int
     channels: int = 3
     center_crop: bool = False
     random_flip: bool = False
+    preserve_precision: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolution, int) or self.resolution < 1:
@@ -61,13 +85,17 @@ class ImageTransform:
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         """Transform one image; random draws, in order: crop row, crop column (random crop), flip (if enabled)."""
         res = self.resolution
-        image = TF.resize(convert_image(image, self.channels), res, interpolation=InterpolationMode.BILINEAR)
+        # a PIL image (8 bits) or, preserving the precision, a float tensor: the same resize, crop and flip
+        image = to_float(image, self.channels) if self.preserve_precision else convert_image(image, self.channels)
+        image = TF.resize(image, res, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        height, width = TF.get_dimensions(image)[1:]
         if self.center_crop:
             image = TF.center_crop(image, [res, res])
-        elif image.size != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
-            top = int(torch.randint(0, image.height - res + 1, (1,), generator=generator))
-            left = int(torch.randint(0, image.width - res + 1, (1,), generator=generator))
+        elif (height, width) != (res, res):  # like torchvision's RandomCrop, draw nothing when there is no room
+            top = int(torch.randint(0, height - res + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - res + 1, (1,), generator=generator))
             image = TF.crop(image, top, left, res, res)
         if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
             image = TF.hflip(image)
-        return TF.to_tensor(image).sub_(0.5).div_(0.5)
+        tensor = image if self.preserve_precision else TF.to_tensor(image)
+        return tensor.sub(0.5).div_(0.5)

@@ -131,6 +131,11 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = _flag(
         False, "Accepted for compatibility: attention always uses PyTorch's fused scaled_dot_product_attention."
     )
+    preserve_input_precision: bool = _flag(
+        False,
+        "Keep 16-bit (PNG/TIFF) and float images at full precision through the transforms (float32 before the resize) "
+        "instead of rounding them to 8 bits.",
+    )
 
     # ---- additions
     seed: int | None = _flag(None, "Seed of everything random (data order, augmentations, noise, initial weights).")

@@ -215,7 +215,9 @@ def _load_data(
             config.cache_dir,
             config.image_column,
         )
-        transform = ImageTransform(config.resolution, channels, config.center_crop, config.random_flip)
+        transform = ImageTransform(
+            config.resolution, channels, config.center_crop, config.random_flip, config.preserve_input_precision
+        )
         return ImageDataset(data, column, transform, skip_corrupt_images=config.skip_corrupt_images)
 
     # Rank 0 downloads and prepares the cache alone, then the others read it.
