@@ -416,3 +416,45 @@ def test_wandb_receives_the_metrics_and_the_sample_grids(tmp_path, tiny_train_ar
     assert len(grids) == 1 and len(grids[0]) == 4  # one grid (the end of the run) of --eval_batch_size images
     (folder,) = (tmp_path / "run" / "logs" / "wandb").glob("offline-run-*")
     assert len(list((folder / "files" / "media" / "images").glob("test_samples_*.png"))) == 4
+    # What reaches the offline run file (what `wandb sync` uploads). wandb >= 0.19 has no Python reader of it: the
+    # protobuf records are looked for as bytes, which works while no record straddles a 32 KiB block of the file.
+    (run_file,) = folder.glob("run-*.wandb")
+    data = run_file.read_bytes()
+    assert len(data) < 32768
+    assert b"train/loss" in data and b"test_samples" in data
+    for record in records:
+        assert json.dumps(record["loss"]).encode() in data
+
+    # Resumed, the run logs to the same wandb run: its id is in the checkpoints.
+    run_id = folder.name.rsplit("-", 1)[1]
+    assert read_torch_state(tmp_path / "run" / "checkpoint-2" / "training_state.pt")["wandb_run_id"] == run_id
+    run(
+        [
+            *tiny_train_args,
+            "--logger",
+            "wandb",
+            "--max_train_steps",
+            "4",
+            "--use_ema",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
+    folders = sorted((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
+    assert read_torch_state(tmp_path / "run" / "checkpoint-4" / "training_state.pt")["wandb_run_id"] == run_id
+    assert [step for step, data in logged if "train/loss" in data] == [1, 2, 3, 4]
+
+
+def test_tensorboard_receives_the_scalars_and_the_sample_grids(tmp_path, tiny_train_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run([*tiny_train_args, "--logger", "tensorboard", "--max_train_steps", "2"])
+    events = EventAccumulator(str(tmp_path / "run" / "logs" / "train_unconditional"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [m["loss"] for m in read_metrics(tmp_path / "run")]
+    )
+    (grid,) = events.Images("test_samples")  # the end-of-run sample grid (add_images tiles the batch)
+    assert grid.step == 0 and grid.width >= 8 and grid.height >= 8

@@ -24,7 +24,16 @@ METRICS_FILE = "metrics.jsonl"
 class RunLog:
     """Rank 0's outputs: tqdm bar (on a TTY) or status lines, ``metrics.jsonl``, TensorBoard / wandb."""
 
-    def __init__(self, config: TrainConfig, enabled: bool, log_dir: Path, run_config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        enabled: bool,
+        log_dir: Path,
+        run_config: dict[str, Any],
+        wandb_run_id: str | None = None,
+    ) -> None:
+        """``wandb_run_id``: the wandb run a resumed run continues (kept in its checkpoints, see :attr:`wandb_run_id`);
+        None starts a new one."""
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.bar: tqdm | None = None
@@ -43,7 +52,14 @@ class RunLog:
         elif config.logger == "wandb":
             import wandb
 
-            self.wandb = wandb.init(project=TRACKER_PROJECT, config=run_config, dir=str(log_dir))
+            self.wandb = wandb.init(
+                project=TRACKER_PROJECT, config=run_config, dir=str(log_dir), id=wandb_run_id, resume="allow"
+            )
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The wandb run's id (None without wandb): saved in checkpoints so that a resumed run logs to the same run."""
+        return self.wandb.id if self.wandb is not None else None
 
     def start_bar(self, total: int, initial: int) -> None:
         if self.enabled and self.tty:

@@ -115,7 +115,9 @@ def build_run(
     sample_schedule = NoiseSchedule(schedule_config)
     fid = _fid_monitor(config, ctx, unet, sample_schedule, dataset, precision) if config.fid_every_steps else None
     run_config = {**config.to_dict(), "seed": seed, "command": command}
-    log = RunLog(config, ctx.is_main, Path(config.output_dir) / config.logging_dir, run_config)
+    log_dir = Path(config.output_dir) / config.logging_dir
+    wandb_run_id = checkpoint.training_state.get("wandb_run_id") if checkpoint is not None else None
+    log = RunLog(config, ctx.is_main, log_dir, run_config, wandb_run_id)
     run = Run(
         config=config,
         ctx=ctx,

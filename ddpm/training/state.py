@@ -96,6 +96,7 @@ def save_state(run: Run, state: TrainState) -> Path:
             "lr_scheduler": run.lr_scheduler.state_dict(),
             "grad_scaler": run.scaler.state_dict(),
             "ema": run.ema.state_dict() if run.ema is not None else None,
+            "wandb_run_id": run.log.wandb_run_id,  # a resumed run continues the same wandb run
         }
         try:
             save_training_checkpoint(
