@@ -355,6 +355,39 @@ def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp
         assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
 
+def test_hub_uploads_run_in_the_background_from_a_snapshot_of_each_export(
+    tmp_path, tiny_train_args, fake_hub, monkeypatch
+):
+    """The first export's upload is held until the run has trained on and exported again: training did not wait for
+    it, and it still sent the first export (its snapshot), not the files the second export wrote meanwhile."""
+    import threading
+
+    import ddpm.training.uploads as uploads
+
+    release, sent = threading.Event(), []
+    real_push = uploads.push_folder
+
+    def slow_push(folder, repo_id, **kwargs):
+        if not sent:
+            assert release.wait(timeout=300)
+        card = (Path(folder) / "README.md").read_text().splitlines()
+        sent.append(next(line for line in card if "Optimizer steps" in line))
+        return real_push(folder, repo_id, **kwargs)
+
+    def release_at_the_second_export():
+        while not (tmp_path / "run" / "checkpoint-8").exists():
+            threading.Event().wait(0.05)
+        release.set()
+
+    monkeypatch.setattr(uploads, "push_folder", slow_push)
+    threading.Thread(target=release_at_the_second_export, daemon=True).start()
+    args = ["--push_to_hub", "--hub_model_id", "me/tiny", "--hub_token", "hf_x", "--save_model_epochs", "1"]
+    run([*tiny_train_args, *args, "--max_train_steps", "8"])  # 2 epochs of 4 steps: 2 exports
+    assert [c["commit_message"] for c in fake_hub.calls_to("upload_folder")] == ["Step 4 (epoch 0)", "Step 8 (epoch 1)"]
+    assert ["| 4 |" in sent[0], "| 8 |" in sent[1]] == [True, True], sent
+    assert not list((tmp_path / "run").glob(".tmp-push-*"))  # the snapshots are gone
+
+
 @pytest.mark.parametrize(
     "tracker, module, install",
     [

@@ -174,7 +174,7 @@ class TrainConfig:
     ddp_timeout: int = _flag(
         7200,
         "Seconds a rank waits for the others before failing (instead of hanging); upstream's 7200: rank 0 alone "
-        "prepares the dataset and writes sample grids and exports while the others wait.",
+        "prepares the dataset and writes sample grids and exports while the others wait (never for a Hub upload).",
     )
     fid_every_steps: int = _flag(
         0,

@@ -77,6 +77,8 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
         finally:
             run.log.close()
         barrier(ctx)
+        if run.uploads is not None:  # rank 0 waits for its last Hub upload once the others have left
+            run.uploads.finish()
         return TrainResult(state.global_step, state.epoch, stopped, state.last_checkpoint, run.unet, run.ema)
     finally:
         if ctx.is_main:  # the lock build_run took on --output_dir (if it got that far: never another run's)

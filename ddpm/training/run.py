@@ -27,6 +27,7 @@ from ..runtime.distributed import DistributedContext
 from ..runtime.precision import Precision
 from .config import TrainConfig
 from .run_log import RunLog
+from .uploads import BackgroundUploads
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +64,7 @@ class Run:
     sample_schedule: NoiseSchedule  # of the sample grids and FID samples
     fid: FIDMonitor | None  # --fid_every_steps > 0
     log: RunLog  # rank 0's status lines or progress bar, metrics.jsonl and tracker
+    uploads: BackgroundUploads | None  # --push_to_hub, rank 0: the exports' uploads, in a background thread
 
     @property
     def device(self) -> torch.device:

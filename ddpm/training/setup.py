@@ -43,6 +43,7 @@ from .model_config import model_description, unet_config
 from .output_dir import prepare_output_dir
 from .run import Run
 from .run_log import RunLog
+from .uploads import BackgroundUploads
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def build_run(
         sample_schedule=sample_schedule,
         fid=fid,
         log=log,
+        uploads=BackgroundUploads() if config.push_to_hub and ctx.is_main else None,
     )
     return run, checkpoint
 
