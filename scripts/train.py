@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import typing
 from dataclasses import fields
 
 from ddpm.io.hub import HubError
-from ddpm.runtime.cli import ScriptParser, user_errors
+from ddpm.runtime.cli import ScriptParser, process_rank, user_errors
 from ddpm.training.config import TrainConfig, load_config_file
 from ddpm.training.errors import TrainingError
 from ddpm.training.loop import command_line, train
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     one-line ``train.py: error: ...`` (status 1; 2 for a bad flag), printed once under torchrun."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
