@@ -5,7 +5,8 @@ with the test that covers them, so that this file reads as the whole catalogue:
 
 Bad input
 - one line, ``train.py: error: ...``, no traceback (also once under torchrun): test_bad_input_stops_with_one_line_and_
-  no_traceback, test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself
+  no_traceback, test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself,
+  test_an_error_every_rank_meets_is_reported_once_under_torchrun
 - a second run on a folder in use, a stale lock: test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_dead_runs_
   lock_is_taken_over
 - empty dataset: test_data.py::test_empty_and_missing_folders (and GlobalBatchSampler's "fewer than one global
@@ -200,6 +201,19 @@ def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itsel
     assert "no Hugging Face token: pass --hub_token" in line
     assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]  # no signal death
     assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
+
+
+def test_an_error_every_rank_meets_is_reported_once_under_torchrun(tmp_path):
+    """Bad input that every rank finds by itself (sample.py's --model, checked by each rank): one line from rank 0,
+    the other rank exits quietly with status 1 (it sees rank 0 leave on an error too)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--num_images", "2"]
+    done = finish([*launcher, str(ROOT / "scripts" / "sample.py"), *args, "--device", "cpu"], tmp_path / "hf")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sample.py: error: ")]
+    assert lines == [
+        f"sample.py: error: {tmp_path / 'nope'}: no such folder (and not a Hub repo id of the form owner/name)"
+    ]
+    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]
 
 
 def test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_dead_runs_lock_is_taken_over(

@@ -47,8 +47,9 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
     """Turn ``errors`` (default: ValueError and OSError, which name the flag or file) raised inside into a
     ``SystemExit`` whose message is :func:`error_line` (exit status 1): Python prints it without a traceback.
 
-    On a rank other than 0, an error rank 0 shared (:class:`PeerFailed`: rank 0 prints it) exits with status 1 and
-    no message; an error of this rank's own is printed with its rank.
+    On a rank other than 0, an error rank 0 shared (:class:`PeerFailed`), or one rank 0 meets too (it is leaving on an
+    error within seconds: :func:`~ddpm.runtime.distributed.leave_together`), exits with status 1 and no message; an
+    error of this rank's own is printed with its rank.
     """
     errors = errors or (ValueError, OSError)
     try:
@@ -62,5 +63,6 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
         rank = process_rank()
-        leave_together()
+        if leave_together():  # rank 0 fails too (an error every rank meets): it prints the line
+            raise SystemExit(1) from None
         raise SystemExit(error_line(prog, e if rank == 0 else f"[rank {rank}] {e}")) from None

@@ -127,9 +127,11 @@ def agent_store(timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"ddpm/restart_{restart_count()}", store)
 
 
-def leave_together(timeout_s: float = 30.0) -> None:
-    """Before this ``torchrun`` worker exits on an error that every rank meets (a bad flag, an error rank 0 shared):
-    count this rank out in the launcher's store; rank 0 then waits (at most ``timeout_s``) until every rank has.
+def leave_together(timeout_s: float = 30.0, rank0_wait_s: float = 5.0) -> bool:
+    """Before this ``torchrun`` worker exits on an error: count this rank out in the launcher's store; rank 0 then
+    waits (at most ``timeout_s``) until every rank has. Returns, on another rank, whether rank 0 is leaving on an
+    error too (it counted out within ``rank0_wait_s``: it reports the error, this rank need not); False on rank 0
+    and outside torchrun.
 
     torchrun's agent stops the remaining workers with SIGTERM as soon as one has failed: without this, rank 0 exits
     first and the others, a moment behind, die by that signal. A worker counted out ignores SIGTERM (it is leaving
@@ -137,16 +139,21 @@ def leave_together(timeout_s: float = 30.0) -> None:
     """
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return
+        return False
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         store = agent_store(timedelta(seconds=timeout_s))
         store.add("leaving", 1)
+        if _env_int("RANK", 0) != 0:
+            store.wait(["rank0_leaving"], timedelta(seconds=rank0_wait_s))
+            return True
+        store.set("rank0_leaving", "1")
         deadline = time.monotonic() + timeout_s
-        while _env_int("RANK", 0) == 0 and store.add("leaving", 0) < world_size and time.monotonic() < deadline:
+        while store.add("leaving", 0) < world_size and time.monotonic() < deadline:
             time.sleep(0.05)
-    except (RuntimeError, KeyError, ValueError):  # no store to reach: leave now, as without torchrun
+    except (RuntimeError, KeyError, ValueError):  # no store to reach, or rank 0 is not leaving: leave now
         pass
+    return False
 
 
 def shutdown(ctx: DistributedContext) -> None:
