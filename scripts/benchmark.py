@@ -46,6 +46,7 @@ from ddpm.evaluation.benchmark import (
     resolve_options,
     run_benchmark,
 )
+from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.precision import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def diffusers_reference() -> ReferenceUNet | None:
 
 def parse_args(argv: list[str] | None) -> BenchmarkOptions:
     """The flags, resolved (defaults that depend on --quick and the device); a bad one exits with a usage error."""
-    parser = argparse.ArgumentParser(
+    parser = ScriptParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -123,10 +124,8 @@ def parse_args(argv: list[str] | None) -> BenchmarkOptions:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and prints last) the JSON document."""
     options = parse_args(argv)
-    try:
+    with user_errors("benchmark.py", ValueError):  # a diffusers row without diffusers installed
         return run_benchmark(options)
-    except ValueError as e:  # a diffusers row without diffusers installed
-        raise SystemExit(str(e)) from e
 
 
 if __name__ == "__main__":

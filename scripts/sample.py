@@ -22,12 +22,13 @@ import logging
 from ddpm.diffusion.schedule import TIMESTEP_SPACINGS
 from ddpm.evaluation.generate import NPZ_NAME, SAMPLERS
 from ddpm.evaluation.sampling_run import SamplingOptions, prepare_sampling, sample_to_folder
+from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.distributed import init_distributed, shutdown
 from ddpm.runtime.precision import MIXED_PRECISION
 
 
 def parse_args(argv: list[str] | None = None) -> SamplingOptions:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder, run folder, diffusers folder or Hub id")
     parser.add_argument("--output_dir", required=True, help="where the images go (reused to resume)")
     parser.add_argument("--num_images", type=int, required=True, help="how many images in all")
@@ -63,17 +64,15 @@ def parse_args(argv: list[str] | None = None) -> SamplingOptions:
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ctx = init_distributed(options.device)
-    try:
+    with user_errors("sample.py"):  # a missing model, steps it lacks, another run's images in --output_dir
+        ctx = init_distributed(options.device)
         try:
             prepared = prepare_sampling(options, ctx.device)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from e
-        summary = sample_to_folder(options, prepared, ctx)
-        if summary is not None:
-            print(summary)
-    finally:
-        shutdown(ctx)
+            summary = sample_to_folder(options, prepared, ctx)
+            if summary is not None:
+                print(summary)
+        finally:
+            shutdown(ctx)
 
 
 if __name__ == "__main__":

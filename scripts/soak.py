@@ -30,13 +30,14 @@ import tempfile
 from pathlib import Path
 
 from ddpm.evaluation.soak import SoakSettings, soak
+from ddpm.runtime.cli import ScriptParser
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SoakSettings]:
     """The flags, and the soak settings they make; a bad one exits with a usage error."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--minutes", type=float, default=SoakSettings.minutes, help="how long to keep killing and resuming"

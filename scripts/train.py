@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import typing
 from dataclasses import fields
 
-from ddpm.data.datasets import CorruptImageError
+from ddpm.io.hub import HubError
+from ddpm.runtime.cli import ScriptParser, process_rank, user_errors
 from ddpm.training.config import TrainConfig, load_config_file
 from ddpm.training.errors import TrainingError
 from ddpm.training.loop import command_line, train
 from ddpm.training.setup import check_config
 
+PROG = "train.py"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`ddpm.training.config.TrainConfig` field (help and defaults from it), plus ``--config``."""
-    parser = argparse.ArgumentParser(
+    parser = ScriptParser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=lambda prog: _Formatter(prog, max_help_position=40),
@@ -80,21 +83,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, train, return the exit status: 0 also when stopped by SIGTERM/SIGINT after saving a checkpoint, 1 with a
-    one-line error when the run diverged, a checkpoint could not be written or an image could not be read."""
+    """Parse, train, return the exit status 0, also when stopped by SIGTERM/SIGINT after saving a checkpoint.
+
+    Bad input (a flag, a missing folder or token, an output folder in use or holding another run) and a run that
+    must stop (diverged, a checkpoint could not be written, an unreadable image) exit through ``SystemExit`` with a
+    one-line ``train.py: error: ...`` (status 1; 2 for a bad flag), printed once under torchrun."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    try:
+    # diverged, disk full, unreadable image (a ValueError), no Hub token: the message says it all
+    with user_errors(PROG, ValueError, OSError, TrainingError, HubError):
         train(config, command=command_line(argv))
-    except (TrainingError, CorruptImageError) as e:  # diverged, disk full, unreadable image: the message says it all
-        logging.getLogger("ddpm.training").error("%s", e)
-        return 1
     return 0
 
 

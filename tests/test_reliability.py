@@ -4,6 +4,11 @@ One test per failure, its docstring naming the bullet it covers. Bullets already
 with the test that covers them, so that this file reads as the whole catalogue:
 
 Bad input
+- one line, ``train.py: error: ...``, no traceback (also once under torchrun): test_bad_input_stops_with_one_line_and_
+  no_traceback, test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself,
+  test_an_error_every_rank_meets_is_reported_once_under_torchrun
+- a second run on a folder in use, a stale lock: test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_dead_runs_
+  lock_is_taken_over
 - empty dataset: test_data.py::test_empty_and_missing_folders (and GlobalBatchSampler's "fewer than one global
   batch": test_data.py::test_sampler_argument_errors)
 - no image column: test_data.py::test_image_column_errors
@@ -19,6 +24,8 @@ Bad input
 Faults
 - non-finite losses stop the run after --max_nonfinite_steps in a row, keeping the last good checkpoint:
   test_train.py::test_nonfinite_steps_are_skipped_counted_and_stop_the_run
+- a worker killed under ``torchrun --max-restarts``: the restarted workers resume by themselves:
+  test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself_bit_exactly
 - SIGTERM / SIGINT save and exit cleanly, a second signal exits at once: test_train_signals.py (all three tests),
   test_distributed.py::test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
 - resuming 2 -> 1 processes with the same global batch: test_distributed.py::
@@ -64,6 +71,7 @@ from ddpm.data.datasets import CorruptImageError
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
+from ddpm.io.lock import LOCK_NAME
 from ddpm.training.config import TrainConfig
 from ddpm.training.errors import CheckpointSaveError
 from ddpm.training.loop import train
@@ -120,7 +128,7 @@ def resume_args(make_train_args, out, *extra):
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
-def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args, caplog):
+def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args):
     """Data: a truncated image file gives an error naming it, or is skipped and counted with --skip_corrupt_images."""
     folder = tmp_path / "images"
     folder.mkdir()
@@ -130,9 +138,8 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     data = (folder / "img_07.png").read_bytes()
     (folder / "img_07.png").write_bytes(data[: len(data) // 2])
     args = [*make_train_args(tmp_path / "strict"), "--train_data_dir", str(folder), *QUIET]
-    with caplog.at_level(logging.ERROR):
-        assert script.main(args) == 1
-    assert "img_07.png" in caplog.text and "--skip_corrupt_images" in caplog.text
+    with pytest.raises(SystemExit, match=r"^train\.py: error: .*img_07\.png.*--skip_corrupt_images"):
+        script.main(args)
     with pytest.raises(CorruptImageError, match=r"img_07\.png"):  # the Python API raises it
         run([*args, "--overwrite_output_dir"])
 
@@ -140,6 +147,100 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     lenient = run([*make_train_args(tmp_path / "lenient"), "--train_data_dir", str(folder), "--skip_corrupt_images"])
     assert lenient.global_step == 4
     assert [m["corrupt_images_skipped"] for m in read_metrics(tmp_path / "lenient")][-1] == 1
+
+
+def finish(command, hf_home):
+    """Run ``command`` to its end, with no Hugging Face token anywhere (``hf_home``: an empty folder)."""
+    env = subprocess_env(HF_HOME=str(hf_home))
+    env.pop("HF_TOKEN", None)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("train.py: error: ")]
+
+
+@pytest.mark.parametrize(
+    "case, status, message",
+    [
+        ("missing --train_data_dir", 1, "--train_data_dir '{out}/nope': no such folder"),
+        ("a second run on a run's folder", 1, "--output_dir {out}/run already holds a training run"),
+        ("a bad flag value", 2, "argument --lr_scheduler: invalid choice: 'cosine_annealing'"),
+        ("--push_to_hub without a token", 1, "no Hugging Face token: pass --hub_token"),
+    ],
+)
+def test_bad_input_stops_with_one_line_and_no_traceback(trained, tmp_path, make_train_args, case, status, message):
+    """Bad input, as a user sees it: ``train.py: error: <message naming the flag or file>`` on one line, a non-zero
+    exit status (2 for a usage error, as argparse), no Python traceback."""
+    out = tmp_path
+    args = make_train_args(out / "run")
+    if case == "missing --train_data_dir":
+        args += ["--train_data_dir", str(out / "nope")]
+    elif case == "a second run on a run's folder":
+        shutil.copytree(trained, out / "run")
+    elif case == "a bad flag value":
+        args += ["--lr_scheduler", "cosine_annealing"]
+    else:
+        args += ["--push_to_hub", "--hub_model_id", "me/tiny"]
+    done = finish([sys.executable, str(ROOT / "scripts" / "train.py"), *args], tmp_path / "hf_home")
+    assert done.returncode == status, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    (line,) = error_lines(done.stderr)
+    assert message.format(out=out) in line
+
+
+def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself(tmp_path, make_train_args):
+    """Bad input under ``torchrun --nproc_per_node=2`` (--push_to_hub without a token, found by rank 0 before any
+    data is read): the one-line error is printed once, every worker exits with status 1 (no worker killed by a signal,
+    no worker traceback). torchrun itself then reports the failed workers, with a traceback of its own launcher."""
+    args = [*make_train_args(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "me/tiny"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = finish([*launcher, str(ROOT / "scripts" / "train.py"), *args], tmp_path / "hf_home")
+    assert done.returncode != 0
+    (line,) = error_lines(done.stderr)
+    assert "no Hugging Face token: pass --hub_token" in line
+    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]  # no signal death
+    assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
+
+
+def test_an_error_every_rank_meets_is_reported_once_under_torchrun(tmp_path):
+    """Bad input that every rank finds by itself (sample.py's --model, checked by each rank): one line from rank 0,
+    the other rank exits quietly with status 1 (it sees rank 0 leave on an error too)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--num_images", "2"]
+    done = finish([*launcher, str(ROOT / "scripts" / "sample.py"), *args, "--device", "cpu"], tmp_path / "hf")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sample.py: error: ")]
+    assert lines == [
+        f"sample.py: error: {tmp_path / 'nope'}: no such folder (and not a Hub repo id of the form owner/name)"
+    ]
+    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_dead_runs_lock_is_taken_over(
+    tmp_path, make_train_args, caplog
+):
+    """One writer per folder: a run started on an --output_dir that a running training holds stops at once with one
+    line naming the other run's process; once that run is gone (SIGKILL: its lock stays behind), the next run takes
+    the stale lock over with a warning, and releases it when it ends."""
+    out = tmp_path / "run"
+    train_py = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    first = start([*train_py, *make_train_args(out), "--max_train_steps", "100000", "--checkpointing_steps", "100000"])
+    try:
+        wait_for_metrics(out, 1, [first])
+        second = finish([*train_py, *make_train_args(out), "--resume_from_checkpoint", "latest"], tmp_path / "hf")
+        assert first.poll() is None  # untouched by the second
+    finally:
+        kill_all([first])
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-4000:]
+    (line,) = error_lines(second.stderr)
+    assert f"--output_dir {out} is in use by another training run (pid {first.pid} on {socket.gethostname()}" in line
+    assert not list(out.glob("checkpoint-*"))  # the second wrote nothing (the first saves no checkpoint)
+
+    assert (out / LOCK_NAME).is_file()  # left behind by the killed run
+    with caplog.at_level(logging.WARNING):
+        run([*make_train_args(out), "--resume_from_checkpoint", "latest", "--max_train_steps", "2"])
+    assert f"taking over the lock of a run that is no longer running (pid {first.pid} on" in caplog.text
+    assert not (out / LOCK_NAME).exists()
 
 
 POSITIVE_INTEGERS = [
@@ -310,7 +411,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_latest_resu
     assert a["ema"] == b["ema"]  # the EMA's step count and decay settings
 
 
-def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tiny_train_args, monkeypatch, caplog):
+def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tiny_train_args, monkeypatch):
     """Faults: ENOSPC while saving gives a clear error, the previous checkpoint stays intact, the temporary folder
     is removed, and ``latest`` resumes from the previous checkpoint."""
     real_write = checkpoint_module.write_safetensors
@@ -322,11 +423,13 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tin
         real_write(tensors, path)
 
     monkeypatch.setattr(checkpoint_module, "write_safetensors", disk_full_at_step_4)
-    with caplog.at_level(logging.ERROR):
-        assert script.main(tiny_train_args) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(tiny_train_args)
     out = tmp_path / "run"
-    assert "could not save" in caplog.text and "checkpoint-4 (the disk is full): [Errno 28]" in caplog.text
-    assert f"the previous checkpoint {out / 'checkpoint-2'} is intact; free some space" in caplog.text
+    message = str(exit_info.value.code)
+    assert message.startswith("train.py: error: ") and "\n" not in message
+    assert "could not save" in message and "checkpoint-4 (the disk is full): [Errno 28]" in message
+    assert f"the previous checkpoint {out / 'checkpoint-2'} is intact; free some space" in message
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert not list(out.glob(".tmp-*"))
     assert load_training_checkpoint(out / "checkpoint-2").step == 2
@@ -376,6 +479,41 @@ def test_a_killed_rank_makes_torchrun_fail_fast(tmp_path, make_train_args):
     elapsed = time.monotonic() - killed_at
     assert torchrun.returncode != 0 and elapsed < 60, (elapsed, stderr[-4000:])
     assert "Signal 9 (SIGKILL) received by PID" in stderr
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself_bit_exactly(tmp_path, make_train_args):
+    """Faults: under ``torchrun --max-restarts 1``, a worker killed with SIGKILL mid-run makes torchrun restart the
+    workers; with no resume flag they continue from the latest complete checkpoint and end bit-equal (live and EMA
+    weights, optimizer state, data position) to an uninterrupted run of the same command."""
+    # 2 processes x batch 2 = 4 steps per epoch: the checkpoints resumed from lie inside epochs as well as at their end
+    common = ["--train_batch_size", "2", "--lr_scheduler", "constant", "--use_ema", "--checkpointing_steps", "2"]
+    common += [*QUIET, "--max_train_steps", "30", "--ddp_timeout", "60"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "restarted"
+    worker = [__file__, str(tmp_path / "pids"), *make_train_args(out), *common]
+    torchrun = start([*launcher, "--max-restarts", "1", *worker])
+    try:
+        wait_for_metrics(out, 5, [torchrun])  # checkpoint-2 and checkpoint-4 are written
+        os.kill(int((tmp_path / "pids" / "rank1.pid").read_text()), signal.SIGKILL)
+        _, stderr = torchrun.communicate(timeout=300)
+    finally:
+        kill_all([torchrun])
+    assert torchrun.returncode == 0, stderr[-4000:]
+    match = re.search(r"torchrun restarted the workers \(restart 1\): resuming from (\S+)", stderr)
+    assert match and match.group(1) != "the", stderr[-4000:]
+    resumed_step = load_training_checkpoint(match.group(1)).step
+    assert 2 <= resumed_step < 30
+
+    straight = tmp_path / "straight"
+    done = start([*launcher, str(ROOT / "scripts" / "train.py"), *make_train_args(straight), *common])
+    assert done.wait(timeout=600) == 0, done.communicate()[1][-4000:]
+    a_dir, b_dir = out / "checkpoint-30", straight / "checkpoint-30"
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same_tensors(read_safetensors(a_dir / name), read_safetensors(b_dir / name))
+    assert_same_tensors(optimizer_tensors(a_dir), optimizer_tensors(b_dir))
+    position = ("global_step", "epoch", "step_in_epoch", "samples_seen", "skipped_steps", "lr_scheduler", "ema")
+    a, b = (read_torch_state(folder / "training_state.pt") for folder in (a_dir, b_dir))
+    assert {k: a[k] for k in position} == {k: b[k] for k in position}
 
 
 def test_a_hung_rank_fails_the_others_after_ddp_timeout(tmp_path, make_train_args):

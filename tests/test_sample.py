@@ -77,7 +77,8 @@ def test_writes_numbered_pngs_grid_and_npz_with_the_ema_weights(checkpoint, tmp_
     with np.load(tmp_path / "samples.npz") as data:
         assert data.files == ["images"]
         np.testing.assert_array_equal(data["images"], images)
-    assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 3 per row, 2 px padding
+    # 3 per row, 2 px padding; 8 px images scaled x22 so that a row is >= 512 px. The numbered PNGs keep 8 px.
+    assert Image.open(tmp_path / "grid.png").size == (3 * (8 * 22 + 2) + 2, 2 * (8 * 22 + 2) + 2)
     assert not list(tmp_path.rglob(".*tmp"))
 
     # Each image is the library's image of its index: EMA weights (zero output layer) by default.

@@ -7,6 +7,7 @@ import torch
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, ddim_sample, ddpm_sample, inference_timesteps
+from ddpm.diffusion.schedule import BETA_SCHEDULES
 from ddpm.io.diffusers_format import schedule_config_from_diffusers, unet_config_from_diffusers
 from ddpm.io.images import save_grid, to_uint8
 
@@ -15,7 +16,7 @@ from ddpm.io.images import save_grid, to_uint8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)  # every one DDPMScheduler accepts
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_schedule_arrays_equal_diffusers(beta_schedule, zero_snr):
     reference = diffusers.DDPMScheduler(beta_schedule=beta_schedule, rescale_betas_zero_snr=zero_snr)
@@ -195,7 +196,11 @@ def test_to_uint8_rounds_like_numpy_to_pil_and_grid_is_written(tmp_path):
     assert np.array_equal(to_uint8(images), expected)
     from PIL import Image
 
-    path = save_grid(images, tmp_path / "grid.png", nrow=2)
+    path = save_grid(images, tmp_path / "grid.png", nrow=2, min_width=0)  # at their size
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 + 4 + 2, 2 + 2 * (4 + 2), 3)
     assert np.array_equal(grid[2:6, 2:6], expected[0]) and np.array_equal(grid[2:6, 8:12], expected[1])
+    # by default images under 64 px are scaled up (nearest) so that a row is >= 512 px: 4 px x 64
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "big.png", nrow=2)))
+    assert grid.shape == (2 + 256 + 2, 2 + 2 * (256 + 2), 3)
+    assert np.array_equal(grid[2:258, 2:258], expected[0].repeat(64, axis=0).repeat(64, axis=1))  # 64 px squares

@@ -36,7 +36,7 @@ GUIDE_COMMANDS = {
     '--lr_warmup_steps=500 --mixed_precision="fp16" --logger="wandb"',
 }
 
-# train_unconditional.py's flags and defaults (reference §1.1).
+# The latest train_unconditional.py's flags (45) and defaults (reference §1.1).
 DIFFUSERS_DEFAULTS = {
     "dataset_name": None,
     "dataset_config_name": None,
@@ -82,6 +82,7 @@ DIFFUSERS_DEFAULTS = {
     "checkpoints_total_limit": None,
     "resume_from_checkpoint": None,
     "enable_xformers_memory_efficient_attention": False,
+    "preserve_input_precision": False,
 }
 
 
@@ -108,6 +109,7 @@ def test_guide_commands_parse_with_their_meaning(name):
 
 
 def test_every_diffusers_flag_has_its_default():
+    assert len(DIFFUSERS_DEFAULTS) == 45
     config = TrainConfig(dataset_name="x")
     for name, default in DIFFUSERS_DEFAULTS.items():
         expected = "x" if name == "dataset_name" else default
@@ -275,7 +277,8 @@ def test_quickstart_recipe_trains_the_digits_model(monkeypatch, tmp_path):
     records = read_metrics(out)
     assert records[-1]["step"] == 2 and math.isfinite(records[-1]["loss"])
     with Image.open(out / "samples" / "step_000002.png") as grid:  # 4 one-channel 16x16 samples, 2 per row
-        assert grid.mode == "L" and grid.size == (2 * (16 + 2) + 2,) * 2  # torchvision's make_grid layout
+        # torchvision's make_grid layout, the 16 px samples scaled x16 so that the grid is >= 512 px wide
+        assert grid.mode == "L" and grid.size == (2 * (256 + 2) + 2,) * 2
     checkpoint = load_training_checkpoint(out / "checkpoint-2")
     assert checkpoint.step == 2 and checkpoint.ema_state is not None
 

@@ -133,14 +133,16 @@ def test_the_training_loss_follows_prediction_type_and_beta_schedule(
 
 
 def grid_tiles(path, n, size, padding=2) -> np.ndarray:
-    """The ``n`` images of a sample grid PNG (near-square rows, ``padding`` px around each), uint8 NHWC."""
+    """The ``n`` images of a sample grid PNG (near-square rows, ``padding`` px around each), uint8 NHWC, at their
+    ``size`` (a grid shows small images scaled up by a whole factor: one pixel of each square is taken)."""
     grid = np.asarray(Image.open(path).convert("RGB"))
     per_row = math.ceil(math.sqrt(n))
+    scale = ((grid.shape[1] - padding) // per_row - padding) // size
     tiles = []
     for i in range(n):
         r, c = divmod(i, per_row)
-        y, x = padding + r * (size + padding), padding + c * (size + padding)
-        tiles.append(grid[y : y + size, x : x + size])
+        y, x = padding + r * (size * scale + padding), padding + c * (size * scale + padding)
+        tiles.append(grid[y : y + size * scale : scale, x : x + size * scale : scale])
     return np.stack(tiles)
 
 

@@ -39,11 +39,14 @@ def polynomial_without_decay_steps(total: int, steps: int, lr: float = 1e-3) -> 
 @pytest.mark.parametrize("name", LR_SCHEDULERS)
 @pytest.mark.parametrize("warmup, total", [(0, 50), (10, 50), (7, 100), (50, 50)])
 def test_matches_diffusers_get_scheduler(name, warmup, total):
-    ours = build_lr_scheduler(optimizer(), name, warmup, total)
+    rules = "1:10,0.5:25,0.1:40,0.01" if name == "piecewise_constant" else None  # only that schedule reads them
+    ours = build_lr_scheduler(optimizer(), name, warmup, total, step_rules=rules)
     if name == "polynomial" and warmup == total:
         expected = polynomial_without_decay_steps(total, total + 5)
     else:
-        theirs = optimization.get_scheduler(name, optimizer(), num_warmup_steps=warmup, num_training_steps=total)
+        theirs = optimization.get_scheduler(
+            name, optimizer(), num_warmup_steps=warmup, num_training_steps=total, step_rules=rules
+        )
         expected = lrs(theirs, total + 5)
     assert lrs(ours, total + 5) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 

@@ -5,8 +5,10 @@ Decoding dominates the input pipeline (about 2.5 ms per 500x600 JPEG on one core
 the training transform (:meth:`ddpm.data.transforms.ImageTransform.resize`) once, in parallel, and writes a folder::
 
     manifest.json   {"format": "ddpm-prepared-images", "version": 1, "source": {...the data flags...},
-                     "resolution", "center_crop", "channels", "dtype": "uint8", "count", "bytes", "sha256", ...}
-    pixels.bin      every image's uint8 (H, W, C) pixels, one after the other
+                     "resolution", "center_crop", "channels", "preserve_input_precision", "dtype", "count",
+                     "bytes", "sha256", ...}
+    pixels.bin      every image's (H, W, C) pixels, one after the other: uint8, or float32 in [0, 1] when prepared
+                    with --preserve_input_precision
     shapes.npy      (count, 2) int64: each image's H and W
 
 With ``center_crop`` every image is ``resolution`` square (``resolution**2 * channels`` bytes: 12,288 at 64 px RGB,
@@ -41,8 +43,15 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PIXELS_NAME = "pixels.bin"
 SHAPES_NAME = "shapes.npy"
-# The transform settings a prepared folder fixes; the training flags must agree with them.
-FIXED_SETTINGS = ("resolution", "center_crop", "channels")
+# The transform settings a prepared folder fixes (manifest key: ImageTransform attribute); the training's must agree.
+FIXED_SETTINGS = {
+    "resolution": "resolution",
+    "center_crop": "center_crop",
+    "channels": "channels",
+    "preserve_input_precision": "preserve_precision",
+}
+# Who sets each of them in a training run, for error messages.
+_SET_BY = {"channels": "the model's in_channels"}
 
 
 def is_prepared(path: str | os.PathLike | None) -> bool:
@@ -120,10 +129,12 @@ def prepare_dataset(
             "resolution": transform.resolution,
             "center_crop": transform.center_crop,
             "channels": transform.channels,
-            "dtype": "uint8",
+            "preserve_input_precision": transform.preserve_precision,
+            "dtype": _dtype(transform.preserve_precision).name,
             "layout": "pixels.bin: each image's (H, W, C) bytes in turn; shapes.npy: (count, 2) H, W",
             "count": len(images),
-            "bytes": int(sum(int(h) * int(w) for h, w in shapes) * transform.channels),
+            "bytes": int(sum(int(h) * int(w) for h, w in shapes) * transform.channels)
+            * _dtype(transform.preserve_precision).itemsize,
             "sha256": digest.hexdigest(),
             "corrupt_images_skipped": images.num_corrupt_skipped,
         }
@@ -134,24 +145,24 @@ def prepare_dataset(
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def check_prepared(
-    path: str | os.PathLike, flag: str, *, resolution: int, center_crop: bool, channels: int | None
-) -> dict[str, Any]:
-    """The manifest of the prepared folder ``path``; a ValueError naming ``flag`` and both values when a setting
-    differs from the folder's (``channels=None``: not known yet, not checked)."""
+def check_prepared(path: str | os.PathLike, flag: str, **settings: Any) -> dict[str, Any]:
+    """The manifest of the prepared folder ``path``; a ValueError naming ``flag`` and both values when one of the
+    ``settings`` (manifest keys of :data:`FIXED_SETTINGS`; ``None``: not known yet, not checked) differs."""
     manifest = read_json(Path(path) / MANIFEST_NAME)
     where = f"{flag} {str(path)!r}"
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{where}: not a prepared dataset of format {FORMAT} version {VERSION}")
-    wanted = {"resolution": resolution, "center_crop": center_crop, "channels": channels}
-    for name in FIXED_SETTINGS:
-        if wanted[name] is not None and manifest[name] != wanted[name]:
-            option = f"--{name}" if name != "channels" else "the model's in_channels"
+    for name, wanted in settings.items():
+        if wanted is not None and manifest[name] != wanted:
             raise ValueError(
-                f"{where} was prepared with {name}={manifest[name]!r}, but {option} is {wanted[name]!r}: prepare "
-                "it again with these settings, or train with its own"
+                f"{where} was prepared with {name}={manifest[name]!r}, but {_SET_BY.get(name, '--' + name)} is "
+                f"{wanted!r}: prepare it again with these settings, or train with its own"
             )
     return manifest
+
+
+def _dtype(preserve_precision: bool) -> np.dtype:
+    return np.dtype(np.float32 if preserve_precision else np.uint8)
 
 
 class PreparedImages(torch.utils.data.Dataset):
@@ -165,13 +176,16 @@ class PreparedImages(torch.utils.data.Dataset):
 
     def __init__(self, path: str | os.PathLike, transform: ImageTransform, flag: str = "--train_data_dir") -> None:
         self.path = Path(path)
-        self.manifest = check_prepared(path, flag, **{name: getattr(transform, name) for name in FIXED_SETTINGS})
+        settings = {name: getattr(transform, attribute) for name, attribute in FIXED_SETTINGS.items()}
+        self.manifest = check_prepared(path, flag, **settings)
+        self.dtype = _dtype(transform.preserve_precision)
         where = f"{flag} {str(path)!r}"
         self.transform = transform
         self.shapes = np.load(self.path / SHAPES_NAME)
         sizes = self.shapes[:, 0] * self.shapes[:, 1] * transform.channels
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
-        if len(self.shapes) != self.manifest["count"] or self.offsets[-1] != os.path.getsize(self.path / PIXELS_NAME):
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # in pixels values, not bytes
+        size = os.path.getsize(self.path / PIXELS_NAME)
+        if len(self.shapes) != self.manifest["count"] or self.offsets[-1] * self.dtype.itemsize != size:
             raise ValueError(f"{where}: {PIXELS_NAME} or {SHAPES_NAME} does not match {MANIFEST_NAME} (truncated?)")
         self._pixels: np.memmap | None = None  # opened lazily, so that each DataLoader worker maps it itself
 
@@ -184,9 +198,9 @@ class PreparedImages(torch.utils.data.Dataset):
         return 0
 
     def resized(self, index: int) -> np.ndarray:
-        """Image ``index`` as stored: uint8 ``(H, W, C)``, a read-only view of the memory map."""
+        """Image ``index`` as stored: ``(H, W, C)``, a read-only view of the memory map."""
         if self._pixels is None:
-            self._pixels = np.memmap(self.path / PIXELS_NAME, dtype=np.uint8, mode="r")
+            self._pixels = np.memmap(self.path / PIXELS_NAME, dtype=self.dtype, mode="r")
         height, width = self.shapes[index]
         lo, hi = self.offsets[index], self.offsets[index + 1]
         return self._pixels[lo:hi].reshape(height, width, self.transform.channels)
@@ -199,7 +213,7 @@ class PreparedImages(torch.utils.data.Dataset):
         """A whole batch at once (DataLoader calls this instead of ``__getitem__`` per sample): the same values,
         with the per-sample cost reduced to the random draws and a copy of the pixels."""
         res, channels = self.transform.resolution, self.transform.channels
-        batch = np.empty((len(keys), res, res, channels), dtype=np.uint8)
+        batch = np.empty((len(keys), res, res, channels), dtype=self.dtype)
         for row, key in enumerate(keys):
             index, aug_seed = (key, 0) if isinstance(key, int) else key
             generator = torch.Generator().manual_seed(int(aug_seed))

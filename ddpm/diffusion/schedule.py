@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # every one DDPMScheduler takes
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -81,17 +81,27 @@ def make_betas(config: ScheduleConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
     elif config.beta_schedule == "scaled_linear":
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
-    else:  # squaredcos_cap_v2 (improved DDPM's cosine schedule), computed in float64 then cast like diffusers
-
-        def alpha_bar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
+    elif config.beta_schedule == "sigmoid":  # GeoDiff's
+        betas = torch.sigmoid(torch.linspace(-6, 6, n)) * (config.beta_end - config.beta_start) + config.beta_start
+    else:  # squaredcos_cap_v2 (improved DDPM's cosine) or laplace: from alpha_bar in float64, cast like diffusers
+        alpha_bar = _cosine_alpha_bar if config.beta_schedule == "squaredcos_cap_v2" else _laplace_alpha_bar
         betas = torch.tensor(
             [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float32
         )
     if config.rescale_betas_zero_snr:
         betas = _rescale_zero_terminal_snr(betas)
     return betas
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _laplace_alpha_bar(t: float) -> float:
+    """sqrt(SNR / (1 + SNR)) with log SNR(t) a Laplace quantile (diffusers' ``alpha_transform_type="laplace"``)."""
+    log_snr = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr = math.exp(log_snr)
+    return math.sqrt(snr / (1 + snr))
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,11 @@ from PIL import Image
 
 from .files import atomic_write_file
 
+# Grids of images narrower than SMALL_IMAGE px are scaled up (nearest neighbour, whole pixels) to about
+# MIN_GRID_WIDTH px: 16 samples of 16 px would otherwise make a grid of 74 px, too small to judge by eye.
+SMALL_IMAGE = 64
+MIN_GRID_WIDTH = 512
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] ``[B, C, H, W]`` tensors to uint8 ``[B, H, W, C]`` arrays, rounded as ``DDPMPipeline`` does."""
@@ -18,10 +23,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """A PIL image tiling uint8 NHWC ``images`` in rows of ``nrow`` (default: a near-square grid)."""
+def make_grid(
+    images: np.ndarray, nrow: int | None = None, padding: int = 2, min_width: int = MIN_GRID_WIDTH
+) -> Image.Image:
+    """A PIL image tiling uint8 NHWC ``images`` in rows of ``nrow`` (default: a near-square grid).
+
+    Images narrower than :data:`SMALL_IMAGE` px are first scaled up by the whole factor that makes a row of them at
+    least ``min_width`` px wide (nearest neighbour: every pixel a visible square); ``min_width=0`` keeps their size.
+    """
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    if images.shape[2] < SMALL_IMAGE and min_width > 0:
+        scale = math.ceil(min_width / (min(nrow, len(images)) * images.shape[2]))
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
     for i, img in enumerate(images):
@@ -31,11 +45,14 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
     return Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
-    """Write a PNG grid of [-1, 1] tensors or uint8 NHWC arrays; returns the path."""
+def save_grid(
+    images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None, min_width: int = MIN_GRID_WIDTH
+) -> Path:
+    """Write a PNG grid of [-1, 1] tensors or uint8 NHWC arrays (small images scaled up, see :func:`make_grid`);
+    returns the path."""
     array = to_uint8(images) if isinstance(images, torch.Tensor) else images
     with atomic_write_file(path) as tmp:
-        make_grid(array, nrow).save(tmp, format="PNG")
+        make_grid(array, nrow, min_width=min_width).save(tmp, format="PNG")
     return Path(path)
 
 

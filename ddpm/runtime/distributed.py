@@ -50,6 +50,11 @@ class DistributedContext:
         return self.world_size > 1
 
 
+class PeerFailed(RuntimeError):
+    """Rank 0 failed in work the other ranks waited for (:func:`run_on_main`); rank 0 reports its error, this one
+    only carries it to the ranks that waited."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -58,6 +63,12 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def restart_count() -> int:
+    """How many times ``torchrun --max-restarts`` has restarted this worker group (0: the first start, or no
+    torchrun)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:
@@ -76,7 +87,7 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0, local_rank: int = -1) -> DistributedContext:
+def init_distributed(device: str = "auto", timeout_s: float = 7200.0, local_rank: int = -1) -> DistributedContext:
     """Join the ``torchrun`` process group if there is one, else describe a single process.
 
     ``local_rank`` is the legacy ``--local_rank`` flag of ``torch.distributed.launch``; ``LOCAL_RANK`` from the
@@ -93,13 +104,56 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, local_rank
     if world_size == 1:
         return DistributedContext(device=torch_device)
     timeout = timedelta(seconds=timeout_s)
+    group = dict(timeout=timeout, store=agent_store(timeout), rank=rank, world_size=world_size)
     if torch_device.type == "cuda":
-        dist.init_process_group("nccl", timeout=timeout, device_id=torch_device)
+        dist.init_process_group("nccl", device_id=torch_device, **group)
         control = dist.new_group(backend="gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", **group)
         control = dist.group.WORLD
     return DistributedContext(rank, local_rank, world_size, torch_device, control)
+
+
+def agent_store(timeout: timedelta) -> dist.Store | None:
+    """torchrun's key-value store, under a prefix of its own for each restart (None without torchrun's agent: the
+    process group then finds its store through ``MASTER_ADDR``/``MASTER_PORT`` itself).
+
+    The agent keeps one store across ``--max-restarts`` restarts: a process group formed again under the same keys
+    can read the addresses the killed workers published there, and gloo then fails to connect (seen with torch 2.14).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"ddpm/restart_{restart_count()}", store)
+
+
+def leave_together(timeout_s: float = 30.0, rank0_wait_s: float = 5.0) -> bool:
+    """Before this ``torchrun`` worker exits on an error: count this rank out in the launcher's store; rank 0 then
+    waits (at most ``timeout_s``) until every rank has. Returns, on another rank, whether rank 0 is leaving on an
+    error too (it counted out within ``rank0_wait_s``: it reports the error, this rank need not); False on rank 0
+    and outside torchrun.
+
+    torchrun's agent stops the remaining workers with SIGTERM as soon as one has failed: without this, rank 0 exits
+    first and the others, a moment behind, die by that signal. A worker counted out ignores SIGTERM (it is leaving
+    anyway). A no-op outside torchrun, whose store this needs (``TORCHELASTIC_USE_AGENT_STORE``).
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        store = agent_store(timedelta(seconds=timeout_s))
+        store.add("leaving", 1)
+        if _env_int("RANK", 0) != 0:
+            store.wait(["rank0_leaving"], timedelta(seconds=rank0_wait_s))
+            return True
+        store.set("rank0_leaving", "1")
+        deadline = time.monotonic() + timeout_s
+        while store.add("leaving", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, KeyError, ValueError):  # no store to reach, or rank 0 is not leaving: leave now
+        pass
+    return False
 
 
 def shutdown(ctx: DistributedContext) -> None:
@@ -133,7 +187,8 @@ def gather_objects(ctx: DistributedContext, obj: Any) -> list[Any]:
 
 
 def run_on_main(ctx: DistributedContext, fn: Callable[..., Any], *args: Any, share: bool = True) -> Any:
-    """Run ``fn(*args)`` on rank 0 while the other ranks wait; its error is raised on every rank (none waits forever).
+    """Run ``fn(*args)`` on rank 0 while the other ranks wait; its error is raised on every rank (none waits forever):
+    rank 0's own, :class:`PeerFailed` on the others.
 
     Returns ``fn``'s result on rank 0, and on the others too when ``share`` (it must then be small and picklable).
     """
@@ -147,7 +202,7 @@ def run_on_main(ctx: DistributedContext, fn: Callable[..., Any], *args: Any, sha
         message = f"{type(error).__name__}: {error}" if error is not None else None
         shared, message = broadcast_object(ctx, (result if share else None, message))
         if message is not None and error is None:
-            raise RuntimeError(f"rank 0 failed: {message}")
+            raise PeerFailed(f"rank 0 failed: {message}")
         if not ctx.is_main:
             result = shared
     if error is not None:

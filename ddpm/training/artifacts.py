@@ -1,9 +1,10 @@
 """What a run leaves at the end of an epoch: a sample grid, the exported diffusers pipeline with its model card, and
 its upload to the Hub.
 
-Every rank samples its share of the grid; rank 0 exports and pushes while the other ranks wait (an error is raised on
-every rank). Both use the EMA weights when there are some; the grid's noise is the same every time, so successive
-grids show the training's progress.
+Every rank samples its share of the grid; rank 0 exports while the other ranks wait (an error is raised on every
+rank), and the upload runs in the background (:mod:`ddpm.training.uploads`), so that no rank waits on a collective
+while rank 0 uploads. Both use the EMA weights when there are some; the grid's noise is the same every time, so
+successive grids show the training's progress.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from ..evaluation.generate import sample_images, share_sampling_weights
 from ..io.export import export_pipeline, make_model_card
-from ..io.hub import HubError, ensure_repo, hub_id_or_none, push_folder
+from ..io.hub import ensure_repo, hub_id_or_none
 from ..io.images import save_grid
 from ..runtime.distributed import gather_objects, run_on_main
 from .config import TrainConfig
@@ -94,12 +95,11 @@ def export(run: Run, state: TrainState, epoch: int) -> None:
         run.unet_config, run.schedule_config, weights, run.output_dir, model_card=card, sample_grid=state.last_grid
     )
     run.log.write(f"Exported the pipeline to {run.output_dir}")
-    if config.push_to_hub:
-        try:
-            private, message = config.hub_private_repo, f"Step {state.global_step} (epoch {epoch})"
-            push_folder(run.output_dir, name, token=config.hub_token, private=private, commit_message=message)
-        except HubError as e:  # a network hiccup must not end the run: the next export pushes again
-            logger.warning("push to the Hub failed (training goes on): %s", e)
+    if run.uploads is not None:  # in the background: the other ranks do not wait for it
+        message = f"Step {state.global_step} (epoch {epoch})"
+        run.uploads.push(
+            run.output_dir, name, token=config.hub_token, private=config.hub_private_repo, commit_message=message
+        )
 
 
 def repo_id(config: TrainConfig) -> str:

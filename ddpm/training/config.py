@@ -17,7 +17,7 @@ from typing import Any
 
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..runtime.precision import MIXED_PRECISION
-from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
+from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, parse_step_rules
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
 DEFAULT_UNET = {
@@ -106,7 +106,8 @@ class TrainConfig:
     hub_private_repo: bool = _flag(False, "Create the Hub repo as private.")
     logger: str = _flag(
         "tensorboard",
-        "Experiment tracker besides logs/metrics.jsonl (skipped with a warning when not installed).",
+        "Experiment tracker besides logs/metrics.jsonl. tensorboard is installed with the package; wandb with "
+        '`pip install -e ".[wandb]"` (a run with --logger wandb without it stops at start).',
         ("tensorboard", "wandb", "none"),
     )
     logging_dir: str = _flag("logs", "Log folder, relative to --output_dir.")
@@ -130,6 +131,11 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = _flag(
         False, "Accepted for compatibility: attention always uses PyTorch's fused scaled_dot_product_attention."
     )
+    preserve_input_precision: bool = _flag(
+        False,
+        "Keep 16-bit (PNG/TIFF) and float images at full precision through the transforms (float32 before the resize) "
+        "instead of rounding them to 8 bits.",
+    )
 
     # ---- additions
     seed: int | None = _flag(None, "Seed of everything random (data order, augmentations, noise, initial weights).")
@@ -152,6 +158,11 @@ class TrainConfig:
         None, "Cosine waves (cosine, default 0.5) or hard restarts (cosine_with_restarts, default 1)."
     )
     lr_power: float = _flag(1.0, "Power of the polynomial schedule.")
+    lr_step_rules: str | None = _flag(
+        None,
+        "Multipliers of the piecewise_constant schedule (diffusers' step_rules): '1:1000,0.1:2000,0.01' is 1 before "
+        "step 1000, 0.1 before step 2000, then 0.01.",
+    )
     allow_tf32: bool = _flag(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster float32).")
     gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _flag(False, "torch.compile the model.")
@@ -165,7 +176,11 @@ class TrainConfig:
     max_nonfinite_steps: int = _flag(
         100, "Stop when this many optimizer steps in a row have non-finite gradients (they are skipped)."
     )
-    ddp_timeout: int = _flag(1800, "Seconds a rank waits for the others before failing (instead of hanging).")
+    ddp_timeout: int = _flag(
+        7200,
+        "Seconds a rank waits for the others before failing (instead of hanging); upstream's 7200: rank 0 alone "
+        "prepares the dataset and writes sample grids and exports while the others wait (never for a Hub upload).",
+    )
     fid_every_steps: int = _flag(
         0,
         "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (DDIM) against "
@@ -276,6 +291,8 @@ def _check_rates(config: TrainConfig) -> None:
         raise _bad(config, "learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
     if config.lr_num_cycles is not None and not config.lr_num_cycles > 0:
         raise _bad(config, "lr_num_cycles", "must be positive")
+    if config.lr_scheduler == "piecewise_constant":
+        parse_step_rules(config.lr_step_rules)
 
 
 def _check_combinations(config: TrainConfig) -> None:

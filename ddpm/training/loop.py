@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..io.hub import scrub_tokens
+from ..io.lock import release_lock
 from ..models.ema import EMA
 from ..models.unet import UNet
 from ..runtime.distributed import (
@@ -78,8 +79,12 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
             _settle_saves(run)
             run.log.close()
         barrier(ctx)
+        if run.uploads is not None:  # rank 0 waits for its last Hub upload once the others have left
+            run.uploads.finish()
         return TrainResult(state.global_step, state.epoch, stopped, state.last_checkpoint, run.unet, run.ema)
     finally:
+        if ctx.is_main:  # the lock build_run took on --output_dir (if it got that far: never another run's)
+            release_lock(config.output_dir)
         shutdown(ctx)
 
 

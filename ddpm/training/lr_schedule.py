@@ -16,7 +16,15 @@ from collections.abc import Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
 POLYNOMIAL_LR_END = 1e-7  # diffusers' default end learning rate of the polynomial decay
 
 
@@ -28,12 +36,14 @@ def lr_multiplier(
     num_cycles: float | None = None,
     power: float = 1.0,
     base_lr: float | None = None,
+    step_rules: str | None = None,
 ) -> Callable[[int], float]:
     """The function ``step -> lr / base_lr`` of schedule ``name``.
 
     ``num_cycles``, as in diffusers: the number of cosine waves for ``cosine`` (default 0.5: one half-cosine down
     to 0) or the number of hard restarts for ``cosine_with_restarts`` (default 1). ``power``: exponent of the
-    ``polynomial`` decay, which goes from ``base_lr`` (required for it) to 1e-7.
+    ``polynomial`` decay, which goes from ``base_lr`` (required for it) to 1e-7. ``step_rules``: the multipliers of
+    ``piecewise_constant`` (required for it, no warm-up), see :func:`parse_step_rules`.
     """
     if name not in LR_SCHEDULERS:
         raise ValueError(f"unknown learning-rate schedule {name!r}; supported: {list(LR_SCHEDULERS)}")
@@ -48,6 +58,9 @@ def lr_multiplier(
 
     if name == "constant":
         return lambda step: 1.0
+    if name == "piecewise_constant":
+        rules, last = parse_step_rules(step_rules)
+        return lambda step: next((value for end, value in rules if step < end), last)
     if name == "constant_with_warmup":
         return lambda step: warmup(step) if step < warmup_steps else 1.0
     if name == "linear":
@@ -75,6 +88,22 @@ def lr_multiplier(
     return _polynomial(warmup_steps, total_steps, power, base_lr)
 
 
+def parse_step_rules(text: str | None) -> tuple[list[tuple[int, float]], float]:
+    """diffusers' ``step_rules`` of ``piecewise_constant``: ``"1:10,0.1:20,0.01"`` is the multiplier 1 before step 10,
+    0.1 before step 20, then 0.01. Returns the ``(end step, multiplier)`` pairs by step, and the last multiplier."""
+    if not text:
+        raise ValueError("--lr_scheduler piecewise_constant needs --lr_step_rules (e.g. '1:1000,0.1:2000,0.01')")
+    *pairs, last = text.split(",")
+    try:
+        rules = sorted((int(steps), float(value)) for value, steps in (pair.split(":") for pair in pairs))
+        return rules, float(last)
+    except ValueError:
+        raise ValueError(
+            f"--lr_step_rules={text!r}: expected MULTIPLIER:STEP pairs then the last multiplier, e.g. "
+            "'1:1000,0.1:2000,0.01'"
+        ) from None
+
+
 def _polynomial(warmup_steps: int, total_steps: int, power: float, base_lr: float | None) -> Callable[[int], float]:
     """diffusers' polynomial decay from ``base_lr`` to :data:`POLYNOMIAL_LR_END`, after the linear warm-up."""
     if base_lr is None or not base_lr > POLYNOMIAL_LR_END:
@@ -99,6 +128,7 @@ def build_lr_scheduler(
     *,
     num_cycles: float | None = None,
     power: float = 1.0,
+    step_rules: str | None = None,
 ) -> LambdaLR:
     """A ``LambdaLR`` applying :func:`lr_multiplier`; step it once per optimizer step.
 
@@ -107,6 +137,12 @@ def build_lr_scheduler(
     (for example a longer run) from the saved step.
     """
     fn = lr_multiplier(
-        name, warmup_steps, total_steps, num_cycles=num_cycles, power=power, base_lr=optimizer.defaults["lr"]
+        name,
+        warmup_steps,
+        total_steps,
+        num_cycles=num_cycles,
+        power=power,
+        base_lr=optimizer.defaults["lr"],
+        step_rules=step_rules,
     )
     return LambdaLR(optimizer, fn)

@@ -3,6 +3,12 @@
 A fresh start in a folder that holds a previous run is refused (it would mix two runs' checkpoints and logs) unless
 ``--overwrite_output_dir`` clears it first or ``--resume_from_checkpoint`` continues it. Rank 0 does this alone,
 before any data is read; the remains of an interrupted checkpoint save are removed at the same time.
+
+One run at a time: rank 0 holds a lock file in the folder (:mod:`ddpm.io.lock`) from before it looks at the folder
+until the run ends; a second run started there stops at once, naming the first one's process.
+
+A worker that ``torchrun --max-restarts`` restarted continues its run: it resumes from the latest complete
+checkpoint in the folder (else from what the flags name) and never clears the folder, whatever the flags say.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from ..io.checkpoint import (
     missing_files,
     remove_interrupted_saves,
 )
+from ..io.lock import acquire_lock
+from ..runtime.distributed import restart_count
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -32,12 +40,20 @@ RUN_MARKERS = ("model_index.json", "unet", "scheduler")
 
 
 def prepare_output_dir(config: TrainConfig) -> Path | None:
-    """Rank 0: clear or check ``--output_dir`` and create it; returns the checkpoint to resume from (None: fresh)."""
+    """Rank 0: lock ``--output_dir`` (creating it), clear or check it; returns the checkpoint to resume from (None:
+    a fresh start). The caller releases the lock (:func:`ddpm.io.lock.release_lock`) when the run ends."""
     out = Path(config.output_dir)
-    if config.overwrite_output_dir:
+    out.mkdir(parents=True, exist_ok=True)
+    acquire_lock(out)
+    restarts, resume = restart_count(), None
+    if restarts:  # the flags started this run, and this worker continues it from where it got to
+        resume = latest_checkpoint(out, resumable=True)
+        logger.info("torchrun restarted the workers (restart %d): resuming from %s", restarts, resume or "the start")
+    elif config.overwrite_output_dir:
         clear_previous_run(out, config.logging_dir)
-    resume = resolve_resume(config.resume_from_checkpoint, out)
-    if resume is None and config.resume_from_checkpoint is None and out.is_dir():
+    if resume is None:
+        resume = resolve_resume(config.resume_from_checkpoint, out)
+    if resume is None and config.resume_from_checkpoint is None and not restarts:
         found = sorted(p.name for p in out.iterdir() if p.name in RUN_MARKERS) + [p.name for p in list_checkpoints(out)]
         if found:
             raise ValueError(
@@ -54,7 +70,6 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
                 out,
                 resume.name,
             )
-    out.mkdir(parents=True, exist_ok=True)
     for stale in remove_interrupted_saves(out):
         logger.warning("removed %s, the remains of an interrupted checkpoint save", stale)
     return resume

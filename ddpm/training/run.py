@@ -30,6 +30,7 @@ from ..runtime.distributed import DistributedContext
 from ..runtime.precision import Precision
 from .config import TrainConfig
 from .run_log import RunLog
+from .uploads import BackgroundUploads
 
 # (x0, t, noise) -> the mean loss: NoiseSchedule.training_loss with the model (in DDP) bound, maybe compiled.
 TrainingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,6 +73,7 @@ class Run:
     fid: FIDMonitor | None  # --fid_every_steps > 0
     log: RunLog  # rank 0's status lines or progress bar, metrics.jsonl and tracker
     checkpoints: BackgroundWriter  # rank 0's checkpoint writes, one at a time, while the training goes on
+    uploads: BackgroundUploads | None  # --push_to_hub, rank 0: the exports' uploads, in a background thread
 
     @property
     def device(self) -> torch.device:

@@ -7,7 +7,6 @@ as ``train/<key>`` or ``eval/<key>``, to the tracker of ``--logger``. On other r
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from tqdm.auto import tqdm
 from ..io.images import to_uint8
 from .config import TrainConfig
 
-logger = logging.getLogger(__name__)
-
 TRACKER_PROJECT = "train_unconditional"  # TensorBoard sub-folder / wandb project, as accelerate names them
 METRICS_FILE = "metrics.jsonl"
 
@@ -27,7 +24,16 @@ METRICS_FILE = "metrics.jsonl"
 class RunLog:
     """Rank 0's outputs: tqdm bar (on a TTY) or status lines, ``metrics.jsonl``, TensorBoard / wandb."""
 
-    def __init__(self, config: TrainConfig, enabled: bool, log_dir: Path, run_config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        enabled: bool,
+        log_dir: Path,
+        run_config: dict[str, Any],
+        wandb_run_id: str | None = None,
+    ) -> None:
+        """``wandb_run_id``: the wandb run a resumed run continues (kept in its checkpoints, see :attr:`wandb_run_id`);
+        None starts a new one."""
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.bar: tqdm | None = None
@@ -38,20 +44,22 @@ class RunLog:
         log_dir.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(log_dir / METRICS_FILE)
         self.metrics = open(log_dir / METRICS_FILE, "a")  # appended to by resumed runs; closed in close()
+        # the package is there: ddpm.training.setup.check_config refused the flag otherwise
         if config.logger == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.warning("--logger tensorboard: the tensorboard package is not installed; skipping it")
-            else:
-                self.tensorboard = SummaryWriter(str(log_dir / TRACKER_PROJECT))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(log_dir / TRACKER_PROJECT))
         elif config.logger == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                logger.warning("--logger wandb: the wandb package is not installed; skipping it")
-            else:
-                self.wandb = wandb.init(project=TRACKER_PROJECT, config=run_config, dir=str(log_dir))
+            import wandb
+
+            self.wandb = wandb.init(
+                project=TRACKER_PROJECT, config=run_config, dir=str(log_dir), id=wandb_run_id, resume="allow"
+            )
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The wandb run's id (None without wandb): saved in checkpoints so that a resumed run logs to the same run."""
+        return self.wandb.id if self.wandb is not None else None
 
     def start_bar(self, total: int, initial: int) -> None:
         if self.enabled and self.tty:

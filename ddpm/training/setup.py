@@ -9,6 +9,7 @@ DDP / compile wrapper, the noise schedules, the FID monitor and the run log.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import secrets
 from pathlib import Path
@@ -44,14 +45,15 @@ from .model_config import model_description, unet_config
 from .output_dir import prepare_output_dir
 from .run import Run, TrainingLoss
 from .run_log import RunLog
+from .uploads import BackgroundUploads
 
 logger = logging.getLogger(__name__)
 
 
 def check_config(config: TrainConfig, device: torch.device | None = None) -> None:
     """What the settings alone cannot tell: a ValueError naming the flag when the model config cannot be read or
-    --resolution does not suit it, when a prepared dataset was prepared with other settings, or when
-    --mixed_precision cannot run on ``device``.
+    --resolution does not suit it, when a prepared dataset was prepared with other settings, when the --logger's
+    package is not installed, or when --mixed_precision cannot run on ``device``.
 
     A model config on the Hub is only read by :func:`build_run`. Without ``device`` (a command line being parsed) the
     precision is checked for a CPU run only: a GPU is checked once this rank's device is set, without initialising
@@ -63,12 +65,37 @@ def check_config(config: TrainConfig, device: torch.device | None = None) -> Non
         channels = unet_config(config).in_channels
     for flag, path in (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name)):
         if is_prepared(path):
-            check_prepared(path, flag, resolution=config.resolution, center_crop=config.center_crop, channels=channels)
+            check_prepared(
+                path,
+                flag,
+                resolution=config.resolution,
+                center_crop=config.center_crop,
+                channels=channels,
+                preserve_input_precision=config.preserve_input_precision,
+            )
+    _check_tracker(config.logger)
     if device is None:
         device = resolve_device(config.device, max(config.local_rank, 0))
         if device.type != "cpu":
             return
     Precision(config.mixed_precision, device).check_supported()
+
+
+# What to install for each --logger (upstream stops with an ImportError too, rather than train without a tracker).
+TRACKER_INSTALL = {
+    "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard (a dependency of this package)"),
+    "wandb": ("wandb", 'pip install -e ".[wandb]"'),
+}
+
+
+def _check_tracker(name: str) -> None:
+    if name not in TRACKER_INSTALL:
+        return
+    module, install = TRACKER_INSTALL[name]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"--logger {name}: the {name} package is not installed: {install}") from None
 
 
 def build_run(
@@ -109,7 +136,9 @@ def build_run(
     if config.fid_every_steps:
         fid = _fid_monitor(config, ctx, sampling_unet, sample_schedule, dataset, precision)
     run_config = {**config.to_dict(), "seed": seed, "command": command}
-    log = RunLog(config, ctx.is_main, Path(config.output_dir) / config.logging_dir, run_config)
+    log_dir = Path(config.output_dir) / config.logging_dir
+    wandb_run_id = checkpoint.training_state.get("wandb_run_id") if checkpoint is not None else None
+    log = RunLog(config, ctx.is_main, log_dir, run_config, wandb_run_id)
     run = Run(
         config=config,
         ctx=ctx,
@@ -139,6 +168,7 @@ def build_run(
         fid=fid,
         log=log,
         checkpoints=BackgroundWriter("checkpoint-writer"),
+        uploads=BackgroundUploads() if config.push_to_hub and ctx.is_main else None,
     )
     return run, checkpoint
 
@@ -204,7 +234,9 @@ def _load_data(
 ) -> tuple[ImageDataset | PreparedImages, GlobalBatchSampler, DataLoader]:
     """The dataset (a prepared folder, read without decoding, or the source images), this rank's sampler of the
     global batches, and its loader of micro-batches."""
-    transform = ImageTransform(config.resolution, channels, config.center_crop, config.random_flip)
+    transform = ImageTransform(
+        config.resolution, channels, config.center_crop, config.random_flip, config.preserve_input_precision
+    )
     sources = (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name))
     prepared = [(flag, path) for flag, path in sources if is_prepared(path)]
 
@@ -283,6 +315,7 @@ def _build_optimizer(
         total_steps,
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,
+        step_rules=config.lr_step_rules,
     )
     return optimizer, fused, lr_scheduler
 

@@ -123,6 +123,7 @@ def _checkpoint_contents(run: Run, state: TrainState, skipped: int) -> dict[str,
             "lr_scheduler": run.lr_scheduler.state_dict(),
             "grad_scaler": run.scaler.state_dict(),
             "ema": run.ema.state_dict() if run.ema is not None else None,
+            "wandb_run_id": run.log.wandb_run_id,  # a resumed run continues the same wandb run
         },
     }
 

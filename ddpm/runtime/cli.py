@@ -1,0 +1,68 @@
+"""How a script ends on bad input: one line, ``<script>: error: <message>``, and a non-zero exit; no traceback.
+
+A traceback is for bugs. A missing folder, a bad flag value or a missing token is the user's to fix, and a traceback
+around its message makes it look like a crash. :class:`ScriptParser` reports usage errors that way (exit status 2),
+:func:`user_errors` the errors raised while the script runs (exit status 1). Under ``torchrun`` the line is printed
+once: usage errors and errors that rank 0 shares with the others (:class:`~ddpm.runtime.distributed.PeerFailed`)
+by rank 0 only; the other ranks exit quietly with the same status, and none is killed by torchrun's agent on the way
+out (:func:`~ddpm.runtime.distributed.leave_together`). ``DDPM_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .distributed import PeerFailed, leave_together
+
+DEBUG_ENV = "DDPM_DEBUG"  # set to 1: expected errors raise with their traceback (to debug the tool itself)
+
+
+def process_rank() -> int:
+    """This process's rank in a ``torchrun`` launch (0 without one), read before any process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def error_line(prog: str, message: object) -> str:
+    """``prog: error: message`` on one line (a multi-line message is joined)."""
+    return f"{prog}: error: " + " ".join(str(message).split("\n"))
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line, ``prog: error: message`` (``--help`` shows the usage), printed
+    by rank 0 only; exit status 2 as argparse's."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        leave_together()
+        self.exit(2, error_line(self.prog, message) + "\n" if process_rank() == 0 else None)
+
+
+@contextmanager
+def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn ``errors`` (default: ValueError and OSError, which name the flag or file) raised inside into a
+    ``SystemExit`` whose message is :func:`error_line` (exit status 1): Python prints it without a traceback.
+
+    On a rank other than 0, an error rank 0 shared (:class:`PeerFailed`), or one rank 0 meets too (it is leaving on an
+    error within seconds: :func:`~ddpm.runtime.distributed.leave_together`), exits with status 1 and no message; an
+    error of this rank's own is printed with its rank.
+    """
+    errors = errors or (ValueError, OSError)
+    try:
+        yield
+    except PeerFailed:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        leave_together()
+        raise SystemExit(1) from None
+    except errors as e:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        rank = process_rank()
+        if leave_together():  # rank 0 fails too (an error every rank meets): it prints the line
+            raise SystemExit(1) from None
+        raise SystemExit(error_line(prog, e if rank == 0 else f"[rank {rank}] {e}")) from None
