@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ddpm.diffusion.sampling import SAMPLERS
 from ddpm.diffusion.schedule import TIMESTEP_SPACINGS
-from ddpm.evaluation.generate import NPZ_NAME, SAMPLERS
+from ddpm.evaluation.generate import NPZ_NAME
 from ddpm.evaluation.sampling_run import SamplingOptions, prepare_sampling, sample_to_folder
 from ddpm.runtime.distributed import init_distributed, shutdown
 from ddpm.runtime.precision import MIXED_PRECISION
@@ -34,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> SamplingOptions:
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass, per process")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument(
-        "--num_inference_steps", type=int, default=None, help="default: every training step (ddpm), 50 (ddim)"
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="default: every training step (ddpm), 50 (ddim), 20 (dpmsolver++, sde-dpmsolver++)",
     )
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise scale (0: deterministic DDIM; default 0)")
     parser.add_argument(

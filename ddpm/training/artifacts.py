@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.samplers import ddim_sample, ddpm_sample
+from ..diffusion.sampling import sample
 from ..io.export import export_pipeline, make_model_card
 from ..io.hub import HubError, ensure_repo, hub_id_or_none, push_folder
 from ..io.images import save_grid
@@ -37,7 +37,6 @@ def end_of_epoch(run: Run, state: TrainState, epoch: int, last: bool) -> None:
 def sample_grid(run: Run, state: TrainState, epoch: int) -> None:
     """Rank 0: sample --eval_batch_size images into ``samples/step_NNNNNN.png`` and the tracker."""
     config = run.config
-    sample = ddpm_sample if config.sampler == "ddpm" else ddim_sample
     generator = torch.Generator(device=run.device).manual_seed(0)  # the same images' noise every time
     run.unet.eval()
     with run.ema.applied_to(run.unet) if run.ema is not None else nullcontext():
@@ -45,6 +44,7 @@ def sample_grid(run: Run, state: TrainState, epoch: int) -> None:
             run.unet,
             run.sample_schedule,
             config.eval_batch_size,
+            sampler=config.sampler,
             num_inference_steps=config.ddpm_num_inference_steps,
             generator=generator,
         )

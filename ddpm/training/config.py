@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..diffusion.sampling import SAMPLERS
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..runtime.precision import MIXED_PRECISION
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END
@@ -147,7 +148,9 @@ class TrainConfig:
         "Its schedule is kept unless a --ddpm_*/--prediction_type flag is given a non-default value.",
     )
     ddpm_variance_type: str = _flag("fixed_small", "Variance of the DDPM sampler.", VARIANCE_TYPES)
-    sampler: str = _flag("ddpm", "Sampler for the sample grids.", ("ddpm", "ddim"))
+    sampler: str = _flag(
+        "ddpm", "Sampler for the sample grids (the last two: DPM-Solver++, deterministic or stochastic).", SAMPLERS
+    )
     lr_num_cycles: float | None = _flag(
         None, "Cosine waves (cosine, default 0.5) or hard restarts (cosine_with_restarts, default 1)."
     )
@@ -163,11 +166,12 @@ class TrainConfig:
     ddp_timeout: int = _flag(1800, "Seconds a rank waits for the others before failing (instead of hanging).")
     fid_every_steps: int = _flag(
         0,
-        "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (DDIM) against "
-        "--fid_reference to metrics.jsonl and the tracker. 0: never.",
+        "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (--fid_sampler) "
+        "against --fid_reference to metrics.jsonl and the tracker. 0: never.",
     )
+    fid_sampler: str = _flag("ddim", "Sampler of the FID samples.", SAMPLERS)
     fid_num_samples: int = _flag(1000, "Samples per FID evaluation (split across the processes).")
-    fid_inference_steps: int = _flag(50, "DDIM steps of the FID samples.")
+    fid_inference_steps: int = _flag(50, "Steps of the FID sampler.")
     fid_batch_size: int = _flag(64, "Per-process batch size of FID sampling and of the Inception network.")
     fid_reference: str | None = _flag(
         None,

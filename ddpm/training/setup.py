@@ -281,6 +281,7 @@ def _fid_monitor(
         unet,
         schedule,
         num_samples=config.fid_num_samples,
+        sampler=config.fid_sampler,
         num_inference_steps=config.fid_inference_steps,
         batch_size=config.fid_batch_size,
         reference=config.fid_reference,
