@@ -10,6 +10,7 @@ is read. :func:`load_config_file` reads a TOML or JSON file of flag names, refus
 from __future__ import annotations
 
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -145,9 +146,23 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = _flag(
         None,
         "Start from these weights: a diffusers pipeline or UNet folder, a run or checkpoint folder, or a Hub id. "
-        "Its schedule is kept unless a --ddpm_*/--prediction_type flag is given a non-default value.",
+        "Its schedule is kept unless a --ddpm_*/--prediction_type/--rescale_betas_zero_snr flag is given a non-default "
+        "value.",
     )
     ddpm_variance_type: str = _flag("fixed_small", "Variance of the DDPM sampler.", VARIANCE_TYPES)
+    rescale_betas_zero_snr: bool = _flag(
+        False,
+        "Rescale the betas to a zero terminal SNR (Lin et al. 2023): the last timestep is pure noise. Lands in the "
+        "exported scheduler config.",
+    )
+    snr_gamma: float | None = _flag(
+        None,
+        "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice), as diffusers' training scripts "
+        "compute it. Default: off.",
+    )
+    noise_offset: float = _flag(
+        0.0, "Offset noise: add this times one normal draw per image and channel to the noise. 0: off."
+    )
     sampler: str = _flag(
         "ddpm", "Sampler for the sample grids (the last two: DPM-Solver++, deterministic or stochastic).", SAMPLERS
     )
@@ -275,6 +290,10 @@ def _check_rates(config: TrainConfig) -> None:
         raise _bad(config, "learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
     if config.lr_num_cycles is not None and not config.lr_num_cycles > 0:
         raise _bad(config, "lr_num_cycles", "must be positive")
+    if config.snr_gamma is not None and not (config.snr_gamma > 0 and math.isfinite(config.snr_gamma)):
+        raise _bad(config, "snr_gamma", "must be a positive number (or left unset)")
+    if not (config.noise_offset >= 0 and math.isfinite(config.noise_offset)):
+        raise _bad(config, "noise_offset", "must be >= 0")
 
 
 def _check_combinations(config: TrainConfig) -> None:

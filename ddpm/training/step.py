@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.sampler import SeedStream, derive_seed
+from ..diffusion.schedule import offset_noise
 from .run import Run
 
 
@@ -43,6 +44,8 @@ def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> Step
     num_timesteps = run.train_schedule.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (run.global_batch,), device=device, generator=generator)
     noise = torch.randn((run.global_batch, channels, size, size), device=device, generator=generator)
+    if config.noise_offset:  # drawn after the noise: without it, every other number is the same
+        noise = offset_noise(noise, config.noise_offset, generator)
     step_loss = torch.zeros((), device=device)
     for micro in range(accum):
         x0 = next(batches).to(device, non_blocking=True)
@@ -52,7 +55,9 @@ def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> Step
         final = micro == accum - 1  # gradients are all-reduced once, on the last micro-step
         with run.ddp.no_sync() if run.ddp is not None and not final else nullcontext():
             with run.precision.autocast():
-                loss = run.train_schedule.training_loss(run.model, x0, timesteps[share], noise[share])
+                loss = run.train_schedule.training_loss(
+                    run.model, x0, timesteps[share], noise[share], snr_gamma=config.snr_gamma
+                )
             run.scaler.scale(loss / accum).backward()
         step_loss += loss.detach() / accum
 
