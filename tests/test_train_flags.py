@@ -294,3 +294,11 @@ def test_dpm_solver_grid_and_zero_snr_export_sample_as_diffusers(make_train_args
         model, NoiseSchedule(schedule_config), 4, num_inference_steps=4, generator=torch.Generator().manual_seed(0)
     )
     assert np.abs(to_uint8(ours).astype(int) - pipeline_images()).max() <= 1
+
+
+def test_a_step_count_the_grid_sampler_cannot_take_is_refused_before_training(make_train_args, tmp_path):
+    # DPM-Solver's "leading" grid over 100 timesteps: 100 // (100 + 1) = 0, every timestep would be 0.
+    args = ["--sampler", "dpmsolver++", "--ddpm_num_inference_steps", "100"]
+    with pytest.raises(ValueError, match="--ddpm_num_inference_steps=100 with the dpmsolver"):
+        run([*make_train_args(tmp_path / "run"), *ONE_STEP, *args])
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ..data.datasets import ImageDataset, load_image_dataset
 from ..data.sampler import GlobalBatchSampler, SeedStream, build_dataloader, derive_seed
 from ..data.transforms import ImageTransform
+from ..diffusion.sampling import sampler_timesteps
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..evaluation.fid_monitor import FIDMonitor
 from ..io.checkpoint import TrainingCheckpoint, load_training_checkpoint
@@ -64,6 +65,19 @@ def check_config(config: TrainConfig, device: torch.device | None = None) -> Non
     Precision(config.mixed_precision, device).check_supported()
 
 
+def _check_sampler_steps(config: TrainConfig, schedule_config: ScheduleConfig) -> None:
+    """The grids' and the FID's step counts fit their samplers' grids on this schedule (DPM-Solver's "leading" grid
+    has fewer timesteps to offer than DDPM's), so a bad value fails now, not at the first grid."""
+    checks = [("ddpm_num_inference_steps", config.sampler, config.ddpm_num_inference_steps)]
+    if config.fid_every_steps:
+        checks.append(("fid_inference_steps", config.fid_sampler, config.fid_inference_steps))
+    for flag, sampler, steps in checks:
+        try:
+            sampler_timesteps(sampler, schedule_config, steps)
+        except ValueError as e:
+            raise ValueError(f"--{flag}={steps} with the {sampler} sampler: {e}") from None
+
+
 def build_run(
     config: TrainConfig, ctx: DistributedContext, command: str | None = None
 ) -> tuple[Run, TrainingCheckpoint | None]:
@@ -77,6 +91,7 @@ def build_run(
     unet_config, schedule_config, init_weights = model_description(config)
     if checkpoint is not None:
         check_same_model(checkpoint, unet_config, schedule_config)
+    _check_sampler_steps(config, schedule_config)
     # ---- load dataset
     dataset, sampler, loader = _load_data(config, ctx, unet_config.in_channels, seed)
     total_steps = config.max_train_steps or config.num_epochs * sampler.steps_per_epoch
