@@ -1,6 +1,7 @@
 """Sample images from a trained model: numbered PNGs (resumable), a grid, and optionally a .npz for the metrics.
 
     python scripts/sample.py --model outputs/run --output_dir samples --num_images 64
+    python scripts/sample.py --model outputs/quickstart --output_dir fast --num_images 512 --sampler sde-dpmsolver++
     python scripts/sample.py --model google/ddpm-cifar10-32 --output_dir cifar --num_images 50000 \\
         --sampler ddim --num_inference_steps 100 --batch_size 256 --save_npz
     torchrun --nproc_per_node 8 scripts/sample.py --model outputs/run/checkpoint-5000 --output_dir s --num_images 50000
