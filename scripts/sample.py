@@ -1,6 +1,7 @@
 """Sample images from a trained model: numbered PNGs (resumable), a grid, and optionally a .npz for the metrics.
 
     python scripts/sample.py --model outputs/run --output_dir samples --num_images 64
+    python scripts/sample.py --model outputs/quickstart --output_dir fast --num_images 512 --sampler sde-dpmsolver++
     python scripts/sample.py --model google/ddpm-cifar10-32 --output_dir cifar --num_images 50000 \\
         --sampler ddim --num_inference_steps 100 --batch_size 256 --save_npz
     torchrun --nproc_per_node 8 scripts/sample.py --model outputs/run/checkpoint-5000 --output_dir s --num_images 50000
@@ -19,8 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ddpm.diffusion.sampling import SAMPLERS
 from ddpm.diffusion.schedule import TIMESTEP_SPACINGS
-from ddpm.evaluation.generate import NPZ_NAME, SAMPLERS
+from ddpm.evaluation.generate import NPZ_NAME
 from ddpm.evaluation.sampling_run import SamplingOptions, prepare_sampling, sample_to_folder
 from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.distributed import init_distributed, shutdown
@@ -35,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> SamplingOptions:
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass, per process")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument(
-        "--num_inference_steps", type=int, default=None, help="default: every training step (ddpm), 50 (ddim)"
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="default: every training step (ddpm), 50 (ddim), 20 (dpmsolver++, sde-dpmsolver++)",
     )
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise scale (0: deterministic DDIM; default 0)")
     parser.add_argument(

@@ -11,6 +11,7 @@ bit-exact where the batch shapes are the same, within a rounding level otherwise
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -107,6 +108,19 @@ def test_same_images_whatever_the_batch_size(checkpoint, tmp_path):
     run(checkpoint, tmp_path / "all", 7, "--batch_size", 7, *ddim)
     one, all_ = read_images(tmp_path / "one", 7).astype(int), read_images(tmp_path / "all", 7).astype(int)
     assert np.abs(one - all_).max() <= 1 and (one != all_).mean() < 0.01
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "sde-dpmsolver++"])
+def test_dpm_solver_images_are_the_librarys(checkpoint, tmp_path, sampler):
+    run(checkpoint, tmp_path, 3, "--no_ema", "--sampler", sampler, "--timestep_spacing", "trailing")
+    _, _, live_weights, _ = load_checkpoint_model(checkpoint, use_ema=False)
+    model = UNet(UNetConfig.from_dict(TINY)).eval()
+    model.load_state_dict(live_weights)
+    schedule = NoiseSchedule(dataclasses.replace(SCHEDULE, timestep_spacing="trailing"))
+    expected = sample_images(model, schedule, [0, 1, 2], seed=0, sampler=sampler, num_inference_steps=10)
+    np.testing.assert_array_equal(read_images(tmp_path, 3), to_uint8(expected))
+    with pytest.raises(SystemExit, match="num_inference_steps"):  # "leading": 100 // (100 + 1) = 0, timesteps repeat
+        run(checkpoint, tmp_path / "out", 2, "--sampler", sampler, "--num_inference_steps", 100)
 
 
 def test_two_processes_give_the_images_of_one(checkpoint, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, ddim_sample, ddpm_sample, inference_timesteps
-from ddpm.diffusion.schedule import BETA_SCHEDULES
+from ddpm.diffusion.schedule import BETA_SCHEDULES, offset_noise
 from ddpm.io.diffusers_format import schedule_config_from_diffusers, unet_config_from_diffusers
 from ddpm.io.images import save_grid, to_uint8
 
@@ -73,6 +73,33 @@ def test_training_losses_match_train_unconditional_formulas():
     v = NoiseSchedule(ScheduleConfig(prediction_type="v_prediction"))
     target = diffusers.DDPMScheduler().get_velocity(x0, noise, t)
     torch.testing.assert_close(v.training_loss(model, x0, t, noise), torch.nn.functional.mse_loss(output, target))
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_weights_equal_diffusers_scripts(prediction_type, zero_snr):
+    from diffusers.training_utils import compute_snr
+
+    reference = diffusers.DDPMScheduler(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    ours = NoiseSchedule(ScheduleConfig(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr))
+    t = torch.tensor([0, 1, 100, 500, 900, 998, 999])
+    snr = compute_snr(reference, t)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]  # train_text_to_image.py
+    if prediction_type == "epsilon":
+        expected = expected / snr
+    elif prediction_type == "v_prediction":
+        expected = expected / (snr + 1)
+    weights = ours.min_snr_weights(t, 5.0)
+    if zero_snr and prediction_type == "epsilon":  # 0 / 0 in the scripts; the limit 1 here
+        assert torch.isnan(expected[-1]) and weights[-1] == 1
+        weights, expected = weights[:-1], expected[:-1]
+    torch.testing.assert_close(weights, expected)
+
+
+def test_offset_noise_is_diffusers_scripts_formula():
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = noise + 0.1 * torch.randn((3, 2, 1, 1), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(offset_noise(noise, 0.1, torch.Generator().manual_seed(1)), expected)
 
 
 @pytest.mark.parametrize(

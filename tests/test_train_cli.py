@@ -199,6 +199,10 @@ def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
         ({"checkpoints_total_limit": 0}, "--checkpoints_total_limit=0"),
         ({"ddpm_num_inference_steps": 2000}, "--ddpm_num_inference_steps=2000: must be <= --ddpm_num_steps=1000"),
         ({"adam_beta1": 1.0}, "--adam_beta1=1.0: must be in [0, 1)"),
+        ({"snr_gamma": 0.0}, "--snr_gamma=0.0: must be a positive number"),
+        ({"noise_offset": -0.1}, "--noise_offset=-0.1: must be >= 0"),
+        ({"sampler": "unipc"}, "--sampler='unipc': choose one of ddpm, ddim, dpmsolver++, sde-dpmsolver++"),
+        ({"fid_sampler": "euler"}, "--fid_sampler='euler': choose one of"),
         ({"model_config_name_or_path": "missing.json"}, "no such file or folder"),
         (
             {"overwrite_output_dir": True, "resume_from_checkpoint": "latest"},

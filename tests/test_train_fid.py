@@ -37,11 +37,13 @@ def fid_records(output_dir: Path) -> list[dict]:
     return [record for record in read_metrics(output_dir) if "fid" in record]
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "sde-dpmsolver++"])
 def test_logged_fid_equals_an_independent_computation(
-    tmp_path, tiny_train_args, tiny_image_dir, random_model, random_weights, small_inputs
+    tmp_path, tiny_train_args, tiny_image_dir, random_model, random_weights, small_inputs, sampler
 ):
     out = tmp_path / "run"
     args = [*tiny_train_args, "--use_ema", *FID_ARGS, "--inception_weights", str(random_weights)]
+    args += ["--fid_sampler", sampler]
     args += ["--logger", "tensorboard"]
     train(script.parse_args(args))
 
@@ -64,12 +66,12 @@ def test_logged_fid_equals_an_independent_computation(
     np.testing.assert_allclose(cached.mu, reference.mu, rtol=0, atol=1e-6)
     np.testing.assert_allclose(cached.sigma, reference.sigma, rtol=0, atol=1e-6)
 
-    # Samples: the exported EMA weights (step 4), the same per-image seeds and DDIM steps.
+    # Samples: the exported EMA weights (step 4), the same per-image seeds, --fid_sampler and its steps.
     unet_config, schedule_config, weights = load_model(out)
     unet = UNet(unet_config).eval()
     unet.load_state_dict(weights)
     with torch.no_grad():
-        images = sample_images(unet, NoiseSchedule(schedule_config), range(6), seed=SAMPLE_SEED, sampler="ddim",
+        images = sample_images(unet, NoiseSchedule(schedule_config), range(6), seed=SAMPLE_SEED, sampler=sampler,
                                num_inference_steps=3)  # fmt: skip
     samples = FeatureStats.from_features(compute_features(to_uint8(images), random_model, progress=False)[0])
     expected = frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma)

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from helpers import load_script, read_metrics
 from PIL import Image
 
+from ddpm import UNet, ddpm_sample, load_model
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.evaluation.generate import image_generators
 from ddpm.io.files import read_torch_state
+from ddpm.io.images import to_uint8
 from ddpm.training.loop import train
 
 script = load_script("train")
@@ -112,8 +114,8 @@ def test_the_training_loss_follows_prediction_type_and_beta_schedule(
     losses = []
     original = NoiseSchedule.training_loss
 
-    def recording(self, model, x0, t, noise):
-        loss = original(self, model, x0, t, noise)
+    def recording(self, model, x0, t, noise, **kwargs):
+        loss = original(self, model, x0, t, noise, **kwargs)
         with torch.no_grad():
             losses.append((loss.item(), diffusers_loss(scheduler, model, x0, t, noise).item()))
         return loss
@@ -127,6 +129,68 @@ def test_the_training_loss_follows_prediction_type_and_beta_schedule(
     expected = {"beta_schedule": beta_schedule, "prediction_type": prediction_type}
     for schedule in (checkpoint_schedule(tmp_path / "run" / "checkpoint-1"), exported_schedule(tmp_path / "run")):
         assert {k: schedule[k] for k in expected} == expected
+
+
+# ---------------------------------------------------------------------------------------------------- training levers
+
+
+def min_snr_loss(scheduler, model, x0, timesteps, noise, gamma) -> torch.Tensor:
+    """diffusers' train_text_to_image.py loss with --snr_gamma: compute_snr, min(SNR, gamma), / SNR (epsilon) or
+    / (SNR + 1) (v-prediction), per-image mean squared error times the weights."""
+    from diffusers.training_utils import compute_snr
+
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    prediction = model(x_t, timesteps).float()
+    kind = scheduler.config.prediction_type
+    target = {"epsilon": noise, "sample": x0}.get(kind)
+    if target is None:
+        target = scheduler.get_velocity(x0, noise, timesteps)
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if kind == "epsilon":
+        weights = weights / snr
+    elif kind == "v_prediction":
+        weights = weights / (snr + 1)
+    loss = F.mse_loss(prediction, target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
+
+
+def recorded_losses(monkeypatch, reference):
+    """Patch the training loss to record (ours, ``reference(model, x0, t, noise)``, noise) for every micro-batch."""
+    records = []
+    original = NoiseSchedule.training_loss
+
+    def recording(self, model, x0, t, noise, **kwargs):
+        loss = original(self, model, x0, t, noise, **kwargs)
+        with torch.no_grad():
+            records.append((loss.item(), reference(model, x0, t, noise).item(), noise.clone()))
+        return loss
+
+    monkeypatch.setattr(NoiseSchedule, "training_loss", recording)
+    return records
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_levers_follow_diffusers_scripts(tmp_path, make_train_args, monkeypatch, prediction_type):
+    """--snr_gamma: the loss of diffusers' min-SNR formula on the same inputs; --noise_offset: the noise moves by one
+    draw per image and channel; --rescale_betas_zero_snr: in the checkpoint, the export and the run's config."""
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=100, prediction_type=prediction_type, rescale_betas_zero_snr=True
+    )
+    plain = recorded_losses(monkeypatch, lambda *inputs: torch.zeros(()))
+    base = ["--prediction_type", prediction_type, "--rescale_betas_zero_snr"]
+    run([*make_train_args(tmp_path / "plain"), *ONE_STEP, *base])
+    levers = recorded_losses(monkeypatch, lambda *inputs: min_snr_loss(scheduler, *inputs, gamma=5.0))
+    run([*make_train_args(tmp_path / "run"), *ONE_STEP, *base, "--snr_gamma", "5", "--noise_offset", "0.1"])
+    (ours, theirs, noise), (_, _, plain_noise) = levers[0], plain[0]
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    offset = noise - plain_noise
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)  # constant over the pixels
+    assert 0.01 < offset.abs().max() < 0.5
+    for schedule in (checkpoint_schedule(tmp_path / "run" / "checkpoint-1"), exported_schedule(tmp_path / "run")):
+        assert schedule["rescale_betas_zero_snr"] is True
+    settings = json.loads((tmp_path / "run" / "checkpoint-1" / "config.json").read_text())["run"]
+    assert (settings["snr_gamma"], settings["noise_offset"], settings["rescale_betas_zero_snr"]) == (5.0, 0.1, True)
 
 
 # ---------------------------------------------------------------------------------------------------- sample grids
@@ -205,3 +269,39 @@ def test_a_pretrained_schedule_is_kept_unless_a_flag_changes_it(tmp_path, make_t
         exported_schedule(tmp_path / "changed"),
     ):
         assert {k: schedule[k] for k in expected} == expected
+
+
+def test_dpm_solver_grid_and_zero_snr_export_sample_as_diffusers(make_train_args, tmp_path):
+    """--sampler sde-dpmsolver++ grids are what DDPMPipeline draws from the export with the model card's scheduler
+    swap; a --rescale_betas_zero_snr export samples in DDPMPipeline as ddpm_sample samples it."""
+    args = ["--rescale_betas_zero_snr", "--prediction_type", "v_prediction", "--sampler", "sde-dpmsolver++"]
+    run([*make_train_args(tmp_path / "run"), *ONE_STEP, *args])
+    grid = grid_tiles(tmp_path / "run" / "samples" / "step_000001.png", 4, 8).astype(int)
+    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "run")
+    ddpm_scheduler = pipeline.scheduler
+
+    def pipeline_images(generator):
+        images = pipeline(batch_size=4, generator=generator, num_inference_steps=4, output_type="np").images
+        return (images * 255).round().astype(int)
+
+    pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        ddpm_scheduler.config, algorithm_type="sde-dpmsolver++"
+    )
+    assert np.abs(grid - pipeline_images(image_generators(0, range(4)))).max() <= 1  # the grid's per-image seeds
+    pipeline.scheduler = ddpm_scheduler
+    unet_config, schedule_config, weights = load_model(tmp_path / "run")
+    assert schedule_config.rescale_betas_zero_snr
+    model = UNet(unet_config).eval()
+    model.load_state_dict(weights)
+    ours = ddpm_sample(
+        model, NoiseSchedule(schedule_config), 4, num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert np.abs(to_uint8(ours).astype(int) - pipeline_images(torch.Generator().manual_seed(0))).max() <= 1
+
+
+def test_a_step_count_the_grid_sampler_cannot_take_is_refused_before_training(make_train_args, tmp_path):
+    # DPM-Solver's "leading" grid over 100 timesteps: 100 // (100 + 1) = 0, every timestep would be 0.
+    args = ["--sampler", "dpmsolver++", "--ddpm_num_inference_steps", "100"]
+    with pytest.raises(ValueError, match="--ddpm_num_inference_steps=100 with the dpmsolver"):
+        run([*make_train_args(tmp_path / "run"), *ONE_STEP, *args])
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

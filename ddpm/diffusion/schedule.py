@@ -160,18 +160,50 @@ class NoiseSchedule:
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
+        snr_gamma: float | None = None,
     ) -> torch.Tensor:
         """Mean training loss of ``model`` on clean images ``x0`` at timesteps ``t`` with the given noise.
 
         ``epsilon``: MSE to the noise; ``sample``: MSE to x0 weighted by SNR(t), as train_unconditional does;
         ``v_prediction``: MSE to the velocity. The loss is computed in float32 whatever the autocast dtype.
+        ``snr_gamma``: per-image min-SNR-gamma weights instead (:meth:`min_snr_weights`).
         """
         x_t = self.add_noise(x0, noise, t)
         prediction = model(x_t, t).float()
         kind = self.config.prediction_type
+        if snr_gamma is not None:
+            target = {"epsilon": noise.float(), "sample": x0.float()}.get(kind)
+            if target is None:
+                target = self.velocity(x0.float(), noise.float(), t)
+            per_image = F.mse_loss(prediction, target, reduction="none").mean(dim=list(range(1, prediction.ndim)))
+            return (per_image * self.min_snr_weights(t, snr_gamma)).mean()
         if kind == "epsilon":
             return F.mse_loss(prediction, noise.float())
         if kind == "v_prediction":
             return F.mse_loss(prediction, self.velocity(x0.float(), noise.float(), t))
         weights = self.snr(t).reshape(-1, 1, 1, 1)
         return (weights * F.mse_loss(prediction, x0.float(), reduction="none")).mean()
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023) at timesteps ``t``, as diffusers' training scripts compute
+        them: ``min(SNR, gamma)``, divided by SNR for epsilon and by SNR + 1 for v-prediction targets.
+
+        Where SNR is 0 (the last step of a zero-terminal-SNR schedule) the epsilon weight is its limit 1, not the
+        scripts' 0 / 0 = NaN.
+        """
+        ab = self.alphas_cumprod.to(t.device)[t]
+        snr = (ab**0.5 / (1.0 - ab) ** 0.5) ** 2  # diffusers.training_utils.compute_snr's arithmetic
+        weights = torch.minimum(snr, torch.full_like(snr, gamma))
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return torch.where(snr == 0, torch.ones_like(snr), weights / snr)
+        if kind == "v_prediction":
+            return weights / (snr + 1)
+        return weights
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``noise`` plus ``strength`` times one normal draw per image and channel (offset noise, Guttenberg 2023), as
+    diffusers' training scripts add it: the model learns to change an image's mean brightness."""
+    b, c = noise.shape[:2]
+    return noise + strength * torch.randn((b, c, 1, 1), device=noise.device, dtype=noise.dtype, generator=generator)

@@ -1,9 +1,10 @@
 """FID during training (``--fid_every_steps``): samples of the EMA weights against cached reference statistics.
 
-Every evaluation draws the same ``num_samples`` images (DDIM, per-image seeds of :mod:`ddpm.evaluation.generate`,
-so the curve follows the model, not the noise), split across the ranks: rank ``r`` samples images ``r, r + W,
-r + 2W, ...``, computes their Inception pool3 features and the features' sum and sum of outer products;
-all-reducing those gives the statistics of the whole set (:meth:`~ddpm.evaluation.metrics.FeatureStats.from_sums`).
+Every evaluation draws the same ``num_samples`` images (``--fid_sampler``, DDIM by default; per-image seeds of
+:mod:`ddpm.evaluation.generate`, so the curve follows the model, not the noise), split across the ranks: rank ``r``
+samples images ``r, r + W, r + 2W, ...``, computes their Inception pool3 features and the features' sum and sum of
+outer products; all-reducing those gives the statistics of the whole set
+(:meth:`~ddpm.evaluation.metrics.FeatureStats.from_sums`).
 The images, and so the FID, do not depend on the number of processes. The weights are rank 0's EMA (only rank 0
 keeps one), broadcast into a separate evaluation copy of the UNet on every rank: the training model, its RNG streams
 and its data are untouched, so a run with FID evaluations trains exactly the same weights as one without.
@@ -75,6 +76,7 @@ class FIDMonitor:
         schedule: NoiseSchedule,
         *,
         num_samples: int,
+        sampler: str,
         num_inference_steps: int,
         batch_size: int,
         reference: str | None,
@@ -88,6 +90,7 @@ class FIDMonitor:
         self.device = ctx.device
         self.schedule = schedule
         self.num_samples = num_samples
+        self.sampler = sampler
         self.num_inference_steps = num_inference_steps
         self.batch_size = batch_size
         # Fail now, not after hours of training, when the weights are missing.
@@ -147,7 +150,7 @@ class FIDMonitor:
                     self.schedule,
                     indices[lo : lo + self.batch_size],
                     seed=SAMPLE_SEED,
-                    sampler="ddim",
+                    sampler=self.sampler,
                     num_inference_steps=self.num_inference_steps,
                     generator_device=self.device,
                 )

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.samplers import ddim_sample, ddpm_sample
+from ..diffusion.sampling import sample
 from ..diffusion.schedule import NoiseSchedule
 from ..io.files import atomic_write_file, read_json, write_json
 from ..io.images import read_png, save_grid, save_png, to_uint8
@@ -37,7 +37,6 @@ from ..models.ema import EMA
 from ..models.unet import UNet
 from ..runtime.distributed import DistributedContext, broadcast_module
 
-SAMPLERS = ("ddpm", "ddim")
 IMAGES_FOLDER = "images"
 SETTINGS_NAME = "sampling.json"
 GRID_NAME = "grid.png"
@@ -104,18 +103,18 @@ def sample_images(
 ) -> torch.Tensor:
     """Images number ``indices`` of the run seeded ``seed``, as one batch in [-1, 1] ``[B, C, H, W]``.
 
-    ``num_inference_steps`` defaults to the pipelines' defaults: every training step for DDPM, 50 for DDIM.
-    ``generator_device``: see :func:`image_generators`.
+    ``num_inference_steps`` defaults to :func:`~ddpm.diffusion.sampling.default_inference_steps`: every training
+    step for DDPM, 50 for DDIM, 20 for DPM-Solver++. ``generator_device``: see :func:`image_generators`.
     """
-    generators = image_generators(seed, indices, generator_device)
-    if sampler == "ddpm":
-        if eta:
-            raise ValueError(f"eta={eta} only applies to the DDIM sampler")
-        return ddpm_sample(model, schedule, len(indices), num_inference_steps=num_inference_steps, generator=generators)
-    if sampler == "ddim":
-        steps = num_inference_steps or 50
-        return ddim_sample(model, schedule, len(indices), num_inference_steps=steps, eta=eta, generator=generators)
-    raise ValueError(f"sampler={sampler!r}: choose one of {list(SAMPLERS)}")
+    return sample(
+        model,
+        schedule,
+        len(indices),
+        sampler=sampler,
+        num_inference_steps=num_inference_steps,
+        eta=eta,
+        generator=image_generators(seed, indices, generator_device),
+    )
 
 
 def image_path(images_dir: str | Path, index: int) -> Path:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..diffusion.samplers import inference_timesteps
+from ..diffusion.sampling import default_inference_steps, sampler_timesteps
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..io.pretrained import load_model
 from ..models.unet import UNet, UNetConfig
@@ -45,7 +45,7 @@ class SamplingOptions:
     num_images: int
     batch_size: int = 64  # per forward pass, per process
     sampler: str = "ddpm"
-    num_inference_steps: int | None = None  # None: every training step (ddpm), 50 (ddim)
+    num_inference_steps: int | None = None  # None: diffusion.sampling.default_inference_steps
     eta: float = 0.0
     timestep_spacing: str | None = None  # None: the model's scheduler config
     seed: int = 0
@@ -69,11 +69,9 @@ class PreparedSampling:
 
 def _num_steps(options: SamplingOptions, schedule_config: ScheduleConfig) -> int:
     """The sampler's step count, checked against the schedule (ValueError naming --num_inference_steps)."""
-    num_steps = options.num_inference_steps or (
-        schedule_config.num_train_timesteps if options.sampler == "ddpm" else 50
-    )
+    num_steps = options.num_inference_steps or default_inference_steps(options.sampler, schedule_config)
     try:
-        inference_timesteps(schedule_config, num_steps)
+        sampler_timesteps(options.sampler, schedule_config, num_steps)
     except ValueError as e:
         raise ValueError(f"--num_inference_steps: {e}") from None
     return num_steps

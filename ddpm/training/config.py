@@ -10,11 +10,13 @@ is read. :func:`load_config_file` reads a TOML or JSON file of flag names, refus
 from __future__ import annotations
 
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..diffusion.sampling import SAMPLERS
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..runtime.precision import MIXED_PRECISION
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, parse_step_rules
@@ -150,10 +152,26 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = _flag(
         None,
         "Start from these weights: a diffusers pipeline or UNet folder, a run or checkpoint folder, or a Hub id. "
-        "Its schedule is kept unless a --ddpm_*/--prediction_type flag is given a non-default value.",
+        "Its schedule is kept unless a --ddpm_*/--prediction_type/--rescale_betas_zero_snr flag is given a non-default "
+        "value.",
     )
     ddpm_variance_type: str = _flag("fixed_small", "Variance of the DDPM sampler.", VARIANCE_TYPES)
-    sampler: str = _flag("ddpm", "Sampler for the sample grids.", ("ddpm", "ddim"))
+    rescale_betas_zero_snr: bool = _flag(
+        False,
+        "Rescale the betas to a zero terminal SNR (Lin et al. 2023): the last timestep is pure noise. Lands in the "
+        "exported scheduler config.",
+    )
+    snr_gamma: float | None = _flag(
+        None,
+        "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice), as diffusers' training scripts "
+        "compute it. Default: off.",
+    )
+    noise_offset: float = _flag(
+        0.0, "Offset noise: add this times one normal draw per image and channel to the noise. 0: off."
+    )
+    sampler: str = _flag(
+        "ddpm", "Sampler for the sample grids (the last two: DPM-Solver++, deterministic or stochastic).", SAMPLERS
+    )
     lr_num_cycles: float | None = _flag(
         None, "Cosine waves (cosine, default 0.5) or hard restarts (cosine_with_restarts, default 1)."
     )
@@ -183,11 +201,12 @@ class TrainConfig:
     )
     fid_every_steps: int = _flag(
         0,
-        "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (DDIM) against "
-        "--fid_reference to metrics.jsonl and the tracker. 0: never.",
+        "Every N optimizer steps (and at the end), log the FID of --fid_num_samples EMA samples (--fid_sampler) "
+        "against --fid_reference to metrics.jsonl and the tracker. 0: never.",
     )
+    fid_sampler: str = _flag("ddim", "Sampler of the FID samples.", SAMPLERS)
     fid_num_samples: int = _flag(1000, "Samples per FID evaluation (split across the processes).")
-    fid_inference_steps: int = _flag(50, "DDIM steps of the FID samples.")
+    fid_inference_steps: int = _flag(50, "Steps of the FID sampler.")
     fid_batch_size: int = _flag(64, "Per-process batch size of FID sampling and of the Inception network.")
     fid_reference: str | None = _flag(
         None,
@@ -293,6 +312,10 @@ def _check_rates(config: TrainConfig) -> None:
         raise _bad(config, "lr_num_cycles", "must be positive")
     if config.lr_scheduler == "piecewise_constant":
         parse_step_rules(config.lr_step_rules)
+    if config.snr_gamma is not None and not (config.snr_gamma > 0 and math.isfinite(config.snr_gamma)):
+        raise _bad(config, "snr_gamma", "must be a positive number (or left unset)")
+    if not (config.noise_offset >= 0 and math.isfinite(config.noise_offset)):
+        raise _bad(config, "noise_offset", "must be >= 0")
 
 
 def _check_combinations(config: TrainConfig) -> None:

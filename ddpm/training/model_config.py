@@ -2,9 +2,9 @@
 
 The UNet comes from ``--model_config_name_or_path`` (a JSON file, a folder holding config.json, a Hub id; default
 train_unconditional's architecture) or ``--pretrained_model_name_or_path`` (whose weights are then the starting
-point); its ``sample_size`` becomes ``--resolution``, which its down-sampling factor must divide. The ``--ddpm_*`` and
-``--prediction_type`` flags give the schedule; a pretrained model keeps its own except for flags given a non-default
-value.
+point); its ``sample_size`` becomes ``--resolution``, which its down-sampling factor must divide. The ``--ddpm_*``,
+``--prediction_type`` and ``--rescale_betas_zero_snr`` flags give the schedule; a pretrained model keeps its own
+except for flags given a non-default value.
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ def unet_config(config: TrainConfig) -> UNetConfig:
 
 
 def schedule_config(config: TrainConfig, base: ScheduleConfig | None = None) -> ScheduleConfig:
-    """The noise schedule from the --ddpm_* flags; with ``base`` (a pretrained model's), only non-default flags
+    """The noise schedule from the flags named above; with ``base`` (a pretrained model's), only non-default flags
     override it."""
     flags = {
         "num_train_timesteps": ("ddpm_num_steps", config.ddpm_num_steps),
         "beta_schedule": ("ddpm_beta_schedule", config.ddpm_beta_schedule),
         "prediction_type": ("prediction_type", config.prediction_type),
         "variance_type": ("ddpm_variance_type", config.ddpm_variance_type),
+        "rescale_betas_zero_snr": ("rescale_betas_zero_snr", config.rescale_betas_zero_snr),
     }
     if base is None:
         return ScheduleConfig(**{key: value for key, (_, value) in flags.items()})

@@ -23,6 +23,7 @@ from ..data.datasets import ImageDataset, load_image_dataset
 from ..data.prepared import PreparedImages, check_prepared, is_prepared
 from ..data.sampler import GlobalBatchSampler, SeedStream, build_dataloader, derive_seed
 from ..data.transforms import ImageTransform
+from ..diffusion.sampling import sampler_timesteps
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..evaluation.fid_monitor import FIDMonitor
 from ..io.background import BackgroundWriter
@@ -98,6 +99,19 @@ def _check_tracker(name: str) -> None:
         raise ValueError(f"--logger {name}: the {name} package is not installed: {install}") from None
 
 
+def _check_sampler_steps(config: TrainConfig, schedule_config: ScheduleConfig) -> None:
+    """The grids' and the FID's step counts fit their samplers' grids on this schedule (DPM-Solver's "leading" grid
+    has fewer timesteps to offer than DDPM's), so a bad value fails now, not at the first grid."""
+    checks = [("ddpm_num_inference_steps", config.sampler, config.ddpm_num_inference_steps)]
+    if config.fid_every_steps:
+        checks.append(("fid_inference_steps", config.fid_sampler, config.fid_inference_steps))
+    for flag, sampler, steps in checks:
+        try:
+            sampler_timesteps(sampler, schedule_config, steps)
+        except ValueError as e:
+            raise ValueError(f"--{flag}={steps} with the {sampler} sampler: {e}") from None
+
+
 def build_run(
     config: TrainConfig, ctx: DistributedContext, command: str | None = None
 ) -> tuple[Run, TrainingCheckpoint | None]:
@@ -111,6 +125,7 @@ def build_run(
     unet_config, schedule_config, init_weights = model_description(config)
     if checkpoint is not None:
         check_same_model(checkpoint, unet_config, schedule_config)
+    _check_sampler_steps(config, schedule_config)
     # ---- load dataset
     dataset, sampler, loader = _load_data(config, ctx, unet_config.in_channels, seed)
     total_steps = config.max_train_steps or config.num_epochs * sampler.steps_per_epoch
@@ -125,7 +140,7 @@ def build_run(
     train_schedule = NoiseSchedule(schedule_config)
     # its arrays on the training device: indexing a CPU array every step would sync the host
     train_schedule.alphas_cumprod = train_schedule.alphas_cumprod.to(ctx.device)
-    training_loss, ddp = _wrap(unet, ctx, train_schedule, config.compile)
+    training_loss, ddp = _wrap(unet, ctx, train_schedule, config.snr_gamma, config.compile)
     sample_schedule = NoiseSchedule(schedule_config)
     with torch.device("meta"):  # no initialisation (and no draw from the RNG): its weights are copied in when used
         sampling_unet = UNet(unet_config)
@@ -321,7 +336,7 @@ def _build_optimizer(
 
 
 def _wrap(
-    unet: UNet, ctx: DistributedContext, schedule: NoiseSchedule, use_compile: bool
+    unet: UNet, ctx: DistributedContext, schedule: NoiseSchedule, snr_gamma: float | None, use_compile: bool
 ) -> tuple[TrainingLoss, DistributedDataParallel | None]:
     """The training forward pass ``(x0, t, noise) -> loss`` (noising, ``unet`` in DDP on several processes, the
     loss), torch.compile'd as a whole with ``use_compile``; and the DDP wrapper.
@@ -340,7 +355,7 @@ def _wrap(
         ddp = model = DistributedDataParallel(unet, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def training_loss(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return schedule.training_loss(model, x0, t, noise)
+        return schedule.training_loss(model, x0, t, noise, snr_gamma=snr_gamma)
 
     return (torch.compile(training_loss) if use_compile else training_loss), ddp
 
@@ -360,6 +375,7 @@ def _fid_monitor(
         sampling_unet,
         schedule,
         num_samples=config.fid_num_samples,
+        sampler=config.fid_sampler,
         num_inference_steps=config.fid_inference_steps,
         batch_size=config.fid_batch_size,
         reference=config.fid_reference,

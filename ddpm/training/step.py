@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.sampler import SeedStream, derive_seed
+from ..diffusion.schedule import offset_noise
 from .run import Run
 
 
@@ -45,6 +46,8 @@ def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> Step
     num_timesteps = run.train_schedule.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (run.global_batch,), device=device, generator=generator)
     noise = torch.randn((run.global_batch, channels, size, size), device=device, generator=generator)
+    if config.noise_offset:  # drawn after the noise: without it, every other number is the same
+        noise = offset_noise(noise, config.noise_offset, generator)
     step_loss = torch.zeros((), device=device)
     data_wait = 0.0
     for micro in range(accum):
