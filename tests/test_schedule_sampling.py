@@ -105,7 +105,7 @@ def test_offset_noise_is_diffusers_scripts_formula():
 @pytest.mark.parametrize(
     "key, value",
     [
-        ("beta_schedule", "sigmoid"),
+        ("beta_schedule", "cosine"),
         ("prediction_type", "x0"),
         ("variance_type", "learned_range"),
         ("timestep_spacing", "karras"),
