@@ -76,7 +76,7 @@ def _init_worker(images: ImageDataset) -> None:
 
 
 def _resize_rows(indices: Sequence[int]) -> list[np.ndarray]:
-    return [_worker_images.transform.resize(_worker_images.load_or_replace(i)) for i in indices]
+    return [_worker_images.resized(i) for i in indices]
 
 
 def _resized_images(images: ImageDataset, num_proc: int, chunk: int = 64) -> Iterator[np.ndarray]:

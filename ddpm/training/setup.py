@@ -64,16 +64,17 @@ def check_config(config: TrainConfig, device: torch.device | None = None) -> Non
     channels = None
     if config.pretrained_model_name_or_path is None and (model_config is None or not is_hub_id(model_config)):
         channels = unet_config(config).in_channels
-    for flag, path in (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name)):
-        if is_prepared(path):
-            check_prepared(
-                path,
-                flag,
-                resolution=config.resolution,
-                center_crop=config.center_crop,
-                channels=channels,
-                preserve_input_precision=config.preserve_input_precision,
-            )
+    prepared = prepared_source(config)
+    if prepared is not None:
+        flag, path = prepared
+        check_prepared(
+            path,
+            flag,
+            resolution=config.resolution,
+            center_crop=config.center_crop,
+            channels=channels,
+            preserve_input_precision=config.preserve_input_precision,
+        )
     _check_tracker(config.logger)
     if device is None:
         device = resolve_device(config.device, max(config.local_rank, 0))
@@ -130,7 +131,8 @@ def build_run(
     dataset, sampler, loader = _load_data(config, ctx, unet_config.in_channels, seed)
     total_steps = config.max_train_steps or config.num_epochs * sampler.steps_per_epoch
     # ---- construct network, optimizer, precision, EMA, wrapper
-    unet = _build_unet(config, ctx, unet_config, init_weights, seed)
+    channels_last = use_channels_last(config, ctx.device)
+    unet = _build_unet(config, ctx, unet_config, init_weights, seed, channels_last)
     optimizer, fused, lr_scheduler = _build_optimizer(config, unet, total_steps)
     precision = Precision(config.mixed_precision, ctx.device)
     ema = None
@@ -145,7 +147,7 @@ def build_run(
     with torch.device("meta"):  # no initialisation (and no draw from the RNG): its weights are copied in when used
         sampling_unet = UNet(unet_config)
     sampling_unet = sampling_unet.to_empty(device=ctx.device).eval().requires_grad_(False)
-    if use_channels_last(config, ctx.device):
+    if channels_last:
         sampling_unet.to(memory_format=torch.channels_last)
     fid = None
     if config.fid_every_steps:
@@ -163,7 +165,7 @@ def build_run(
         unet_config=unet_config,
         schedule_config=schedule_config,
         unet=unet,
-        channels_last=use_channels_last(config, ctx.device),
+        channels_last=channels_last,
         training_loss=training_loss,
         ddp=ddp,
         ema=ema,
@@ -252,12 +254,11 @@ def _load_data(
     transform = ImageTransform(
         config.resolution, channels, config.center_crop, config.random_flip, config.preserve_input_precision
     )
-    sources = (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name))
-    prepared = [(flag, path) for flag, path in sources if is_prepared(path)]
+    prepared = prepared_source(config)
 
     def load() -> ImageDataset | PreparedImages:
-        if prepared:
-            flag, path = prepared[0]
+        if prepared is not None:
+            flag, path = prepared
             if config.dataset_config_name is not None:
                 raise ValueError(f"--dataset_config_name does not apply to the prepared dataset {flag} {path!r}")
             return PreparedImages(path, transform, flag)
@@ -281,20 +282,28 @@ def _load_data(
     return dataset, sampler, loader
 
 
+def prepared_source(config: TrainConfig) -> tuple[str, str] | None:
+    """``(flag, path)`` when --train_data_dir or --dataset_name names a prepared folder (ddpm.data.prepared)."""
+    for flag, path in (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name)):
+        if is_prepared(path):
+            return flag, path
+    return None
+
+
 def _build_unet(
     config: TrainConfig,
     ctx: DistributedContext,
     unet_config: UNetConfig,
     init_weights: dict[str, torch.Tensor] | None,
     seed: int,
+    channels_last: bool,
 ) -> UNet:
     """The UNet on the training device: the same initial weights on every rank (``init_weights`` when given)."""
     torch.manual_seed(seed)
     unet = UNet(unet_config)
     if init_weights is not None:
         unet.load_state_dict(init_weights)
-    memory_format = torch.channels_last if use_channels_last(config, ctx.device) else torch.contiguous_format
-    unet.to(ctx.device, memory_format=memory_format)
+    unet.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     unet.gradient_checkpointing = config.gradient_checkpointing
     torch.manual_seed(derive_seed(seed, SeedStream.PROCESS, ctx.rank))  # dropout etc.: a stream per rank, from now on
     return unet
