@@ -77,3 +77,53 @@ def test_training_continues_while_a_checkpoint_is_written(tmp_path, tiny_train_a
     assert events[-2:] == ["write checkpoint-8", "wrote checkpoint-8"]  # the end waited for the last write
     assert result.last_checkpoint.name == "checkpoint-8"
     assert (tmp_path / "run" / "checkpoint-8" / "model.safetensors").is_file()
+
+
+def test_training_continues_while_the_pipeline_is_exported(tmp_path, tiny_train_args, monkeypatch):
+    """The epoch-end export is written from a snapshot of the weights while the next steps run: what it writes is
+    the weights of the epoch's end (equal to that step's checkpoint), and the run returns after the last export."""
+    import ddpm.training.artifacts as artifacts_module
+    import ddpm.training.loop as loop_module
+    from ddpm.io.files import read_safetensors
+
+    real_export, real_step, events, exported = artifacts_module.export_pipeline, loop_module.optimizer_step, [], []
+
+    def slow_export(unet_config, schedule_config, weights, output_dir, **kwargs):
+        events.append("export")
+        time.sleep(1.0)
+        exported.append({name: tensor.clone() for name, tensor in weights.items()})
+        folder = real_export(unet_config, schedule_config, weights, output_dir, **kwargs)
+        events.append("exported")
+        return folder
+
+    def step(run, batches, index):
+        events.append(f"step {index + 1}")
+        return real_step(run, batches, index)
+
+    monkeypatch.setattr(artifacts_module, "export_pipeline", slow_export)
+    monkeypatch.setattr(loop_module, "optimizer_step", step)
+    args = [*tiny_train_args, "--max_train_steps", "8", "--checkpointing_steps", "4", "--save_model_epochs", "1"]
+    loop_module.train(load_script("train").parse_args(args))
+    assert events.index("export") < events.index("step 5") < events.index("exported")  # trained during the write
+    assert events[-2:] == ["export", "exported"]  # the end waited for the last export
+    for written, checkpoint in zip(exported, ("checkpoint-4", "checkpoint-8"), strict=True):
+        saved = read_safetensors(tmp_path / "run" / checkpoint / "model.safetensors")
+        assert written.keys() == saved.keys() and all(torch.equal(written[k], saved[k]) for k in saved)
+    assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_failed_export_stops_the_run_at_the_next_export(tiny_train_args, monkeypatch):
+    import ddpm.training.artifacts as artifacts_module
+    import ddpm.training.loop as loop_module
+
+    def broken_export(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts_module, "export_pipeline", broken_export)
+    args = [*tiny_train_args, "--max_train_steps", "12", "--save_model_epochs", "1"]
+    steps = []
+    real_step = loop_module.optimizer_step
+    monkeypatch.setattr(loop_module, "optimizer_step", lambda run, b, i: steps.append(i) or real_step(run, b, i))
+    with pytest.raises(OSError, match="disk full"):
+        loop_module.train(load_script("train").parse_args(args))
+    assert len(steps) == 8  # the first export failed in the background; the second one raised it, after epoch 1

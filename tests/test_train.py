@@ -358,6 +358,30 @@ def test_gradient_checkpointing_and_channels_last_keep_the_maths(tmp_path, make_
     assert_same_tensors(base.unet.state_dict(), other.unet.state_dict(), exact=False)
 
 
+@pytest.mark.parametrize(
+    ("flags", "widths", "device", "expected"),
+    [
+        ([], [32, 64, 64], "cpu", False),  # the quick-start model: narrow levels run faster contiguous on a CPU
+        ([], [128, 256, 256, 256], "cpu", True),  # the CIFAR-10 model: channels-last pays on a CPU
+        (["--channels_last"], [32, 64, 64], "cpu", True),
+        (["--no-channels_last"], [128, 256, 256, 256], "cpu", False),
+        ([], [32, 64, 64], "cuda", False),  # float32 on a GPU
+        (["--mixed_precision", "bf16"], [32, 64, 64], "cuda", True),  # tensor cores
+    ],
+)
+def test_the_default_memory_format_follows_the_measurements(tiny_train_args, flags, widths, device, expected):
+    from ddpm.models.unet import UNetConfig
+    from ddpm.training.setup import use_channels_last
+
+    config = load_script("train").parse_args([*tiny_train_args, *flags])
+    unet_config = UNetConfig(
+        block_out_channels=widths,
+        down_block_types=["DownBlock2D"] * len(widths),
+        up_block_types=["UpBlock2D"] * len(widths),
+    )
+    assert use_channels_last(config, unet_config, torch.device(device)) is expected
+
+
 def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp_path, tiny_train_args, fake_hub):
     token = "hf_TrainTestToken0123456789"
     args = ["--push_to_hub", "--hub_private_repo", "--hub_model_id", "me/tiny-ddpm", "--hub_token", token]

@@ -1,10 +1,12 @@
 """What a run leaves at the end of an epoch: a sample grid, the exported diffusers pipeline with its model card, and
 its upload to the Hub.
 
-Every rank samples its share of the grid; rank 0 exports while the other ranks wait (an error is raised on every
-rank), and the upload runs in the background (:mod:`ddpm.training.uploads`), so that no rank waits on a collective
-while rank 0 uploads. Both use the EMA weights when there are some; the grid's noise is the same every time, so
-successive grids show the training's progress.
+Every rank samples its share of the grid. Rank 0 copies the weights to export off the device and writes the export
+in the background (:attr:`Run.exports`, one at a time, like the checkpoints), then starts its upload
+(:mod:`ddpm.training.uploads`): the other ranks wait only for the copy, never on a collective while rank 0 writes or
+uploads. A failed export is raised, on every rank, at the next export or at the end of the run. Both use the EMA
+weights when there are some; the grid's noise is the same every time, so successive grids show the training's
+progress.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.generate import sample_images, share_sampling_weights
+from ..io.background import host_copy
 from ..io.export import export_pipeline, make_model_card
 from ..io.hub import ensure_repo, hub_id_or_none
 from ..io.images import save_grid
@@ -68,9 +71,11 @@ def sample_grid(run: Run, state: TrainState, epoch: int) -> None:
 
 
 def export(run: Run, state: TrainState, epoch: int) -> None:
-    """Rank 0: the diffusers pipeline and its model card into --output_dir, then (--push_to_hub) to the Hub."""
+    """Rank 0: the diffusers pipeline and its model card into --output_dir, then (--push_to_hub) to the Hub, from a
+    snapshot of the weights, written in the background (the previous export's error is raised here)."""
     config = run.config
-    weights = run.ema.shadow if run.ema is not None else run.unet.state_dict()
+    run.exports.wait()  # at most one export in flight
+    weights = host_copy(run.ema.shadow if run.ema is not None else run.unet.state_dict())
     name = repo_id(config)
     card = make_model_card(
         run.unet_config,
@@ -91,15 +96,19 @@ def export(run: Run, state: TrainState, epoch: int) -> None:
         base_model=hub_id_or_none(config.pretrained_model_name_or_path),
         dataset=hub_id_or_none(config.dataset_name),
     )
-    export_pipeline(
-        run.unet_config, run.schedule_config, weights, run.output_dir, model_card=card, sample_grid=state.last_grid
-    )
-    run.log.write(f"Exported the pipeline to {run.output_dir}")
-    if run.uploads is not None:  # in the background: the other ranks do not wait for it
-        message = f"Step {state.global_step} (epoch {epoch})"
-        run.uploads.push(
-            run.output_dir, name, token=config.hub_token, private=config.hub_private_repo, commit_message=message
+    grid, message = state.last_grid, f"Step {state.global_step} (epoch {epoch})"
+
+    def write() -> None:  # on the export writer's thread
+        folder = export_pipeline(
+            run.unet_config, run.schedule_config, weights, run.output_dir, model_card=card, sample_grid=grid
         )
+        run.log.write(f"Exported the pipeline to {folder}")
+        if run.uploads is not None:
+            run.uploads.push(
+                folder, name, token=config.hub_token, private=config.hub_private_repo, commit_message=message
+            )
+
+    run.exports.submit(write)
 
 
 def repo_id(config: TrainConfig) -> str:

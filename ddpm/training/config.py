@@ -187,8 +187,8 @@ class TrainConfig:
     channels_last: bool | None = _flag(
         None,
         "Use the channels_last memory format for the UNet and its inputs (faster convolutions). Default: on a CPU "
-        "(measured faster, see the README) and with --mixed_precision fp16/bf16 on a GPU (tensor cores); off for "
-        "float32 on a GPU. --no-channels_last turns it off.",
+        "for UNets of 128 or more channels at every level (measured faster, see the README) and with "
+        "--mixed_precision fp16/bf16 on a GPU (tensor cores); off otherwise. --no-channels_last turns it off.",
     )
     logging_steps: int = _flag(10, "Log (metrics.jsonl, trackers, status line) every N optimizer steps.")
     max_nonfinite_steps: int = _flag(

@@ -74,7 +74,7 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
             _announce(run)
             # ---- train
             stopped = _train(run, state)
-            finish_saves(run)  # the run ends once its last checkpoint is on disk
+            finish_saves(run)  # the run ends once its last checkpoint and export are on disk
         finally:
             _settle_saves(run)
             run.log.close()
@@ -151,12 +151,13 @@ def _train(run: Run, state: TrainState) -> bool:
 
 
 def _settle_saves(run: Run) -> None:
-    """On the way out of a failed run too: let the checkpoint being written complete (or fail) before the process
-    exits, so that the newest checkpoint is whole; its error, if any, is logged (the run's own error propagates)."""
-    try:
-        run.checkpoints.wait()
-    except Exception as e:
-        run.log.write(f"the last checkpoint write failed too: {e}")
+    """On the way out of a failed run too: let the checkpoint and export being written complete (or fail) before the
+    process exits, so that the newest ones are whole; their errors, if any, are logged (the run's own propagates)."""
+    for writer, what in ((run.checkpoints, "checkpoint"), (run.exports, "export")):
+        try:
+            writer.wait()
+        except Exception as e:
+            run.log.write(f"the last {what} write failed too: {e}")
 
 
 def _log_tick(run: Run, state: TrainState, tick: _Tick) -> _Tick:

@@ -73,6 +73,7 @@ class Run:
     fid: FIDMonitor | None  # --fid_every_steps > 0
     log: RunLog  # rank 0's status lines or progress bar, metrics.jsonl and tracker
     checkpoints: BackgroundWriter  # rank 0's checkpoint writes, one at a time, while the training goes on
+    exports: BackgroundWriter  # rank 0's pipeline exports (and the uploads they start), one at a time, likewise
     uploads: BackgroundUploads | None  # --push_to_hub, rank 0: the exports' uploads, in a background thread
 
     @property

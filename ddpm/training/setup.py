@@ -131,7 +131,7 @@ def build_run(
     dataset, sampler, loader = _load_data(config, ctx, unet_config.in_channels, seed)
     total_steps = config.max_train_steps or config.num_epochs * sampler.steps_per_epoch
     # ---- construct network, optimizer, precision, EMA, wrapper
-    channels_last = use_channels_last(config, ctx.device)
+    channels_last = use_channels_last(config, unet_config, ctx.device)
     unet = _build_unet(config, ctx, unet_config, init_weights, seed, channels_last)
     optimizer, fused, lr_scheduler = _build_optimizer(config, unet, total_steps)
     precision = Precision(config.mixed_precision, ctx.device)
@@ -185,6 +185,7 @@ def build_run(
         fid=fid,
         log=log,
         checkpoints=BackgroundWriter("checkpoint-writer"),
+        exports=BackgroundWriter("export-writer"),
         uploads=BackgroundUploads() if config.push_to_hub and ctx.is_main else None,
     )
     return run, checkpoint
@@ -309,13 +310,22 @@ def _build_unet(
     return unet
 
 
-def use_channels_last(config: TrainConfig, device: torch.device) -> bool:
-    """--channels_last, or by default: on a CPU, where oneDNN's channels-last convolutions measured faster (README,
-    Performance), and under fp16/bf16 autocast on a GPU, whose tensor-core convolutions run channels-last (what
-    scripts/gpu_check.py's benchmark measures)."""
+# On a CPU, oneDNN's channels-last convolutions measured faster for UNets whose every level has at least this many
+# channels (the CIFAR-10 and 64 px models, 128-512 channels, at batch 8 and 16), and slower for narrower ones at the
+# batch they train with (the quick-start model, 32-64 channels, at batch 64: training 0.91x, sampling 0.82x).
+# README, Performance.
+CPU_CHANNELS_LAST_MIN_WIDTH = 128
+
+
+def use_channels_last(config: TrainConfig, unet_config: UNetConfig, device: torch.device) -> bool:
+    """--channels_last, or by default: on a CPU for wide UNets (:data:`CPU_CHANNELS_LAST_MIN_WIDTH`), and under
+    fp16/bf16 autocast on a GPU, whose tensor-core convolutions run channels-last (what scripts/gpu_check.py's
+    benchmark measures)."""
     if config.channels_last is not None:
         return config.channels_last
-    return device.type == "cpu" or config.mixed_precision != "no"
+    if device.type == "cpu":
+        return min(unet_config.block_out_channels) >= CPU_CHANNELS_LAST_MIN_WIDTH
+    return config.mixed_precision != "no"
 
 
 def _build_optimizer(

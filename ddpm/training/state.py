@@ -98,8 +98,16 @@ def save_state(run: Run, state: TrainState) -> Path:
 
 
 def finish_saves(run: Run) -> None:
-    """Every rank: return once the last checkpoint is on disk (raising, on every rank, if its write failed)."""
-    run_on_main(run.ctx, run.checkpoints.wait)
+    """Every rank: return once the last checkpoint and the last export are on disk (raising, on every rank, if a
+    write failed)."""
+
+    def wait_for_both() -> None:
+        try:
+            run.checkpoints.wait()
+        finally:
+            run.exports.wait()
+
+    run_on_main(run.ctx, wait_for_both)
 
 
 def _checkpoint_contents(run: Run, state: TrainState, skipped: int) -> dict[str, Any]:
