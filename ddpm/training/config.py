@@ -197,7 +197,8 @@ class TrainConfig:
     ddp_timeout: int = _flag(
         7200,
         "Seconds a rank waits for the others before failing (instead of hanging); upstream's 7200: rank 0 alone "
-        "prepares the dataset and writes sample grids and exports while the others wait (never for a Hub upload).",
+        "prepares the dataset while the others wait (grids are shared; checkpoints, exports and Hub uploads are "
+        "written in the background).",
     )
     fid_every_steps: int = _flag(
         0,

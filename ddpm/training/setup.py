@@ -312,7 +312,7 @@ def _build_unet(
 
 # On a CPU, oneDNN's channels-last convolutions measured faster for UNets whose every level has at least this many
 # channels (the CIFAR-10 and 64 px models, 128-512 channels, at batch 8 and 16), and slower for narrower ones at the
-# batch they train with (the quick-start model, 32-64 channels, at batch 64: training 0.91x, sampling 0.82x).
+# batch they train with (the quick-start model, 32-64 channels, at batch 64: training 0.91x, sampling 0.81x).
 # README, Performance.
 CPU_CHANNELS_LAST_MIN_WIDTH = 128
 

@@ -1,10 +1,10 @@
 """--push_to_hub uploads in the background on rank 0: the other ranks never wait on a collective while rank 0 uploads.
 
-An export is written while the other ranks wait (bounded by ``--ddp_timeout``), but its upload can take longer than any
-timeout: it runs in one worker thread, from a snapshot of the export (hard links, a copy where links are refused), so
-the next export can replace the files meanwhile and each push sends one consistent export. Uploads run in order; a
-failed one is logged and training goes on (the next export pushes again). :meth:`BackgroundUploads.finish` waits for
-the last one, after the other ranks have left (``ddpm.training.loop.train``).
+An export is written on rank 0's export writer thread (:func:`ddpm.training.artifacts.export`), and its upload, which
+can take longer than any timeout, is queued from there to one worker thread, from a snapshot of the export (hard
+links, a copy where links are refused), so the next export can replace the files meanwhile and each push sends one
+consistent export. Uploads run in order; a failed one is logged and training goes on (the next export pushes again).
+:meth:`BackgroundUploads.finish` waits for the last one, after the other ranks have left (``ddpm.training.loop.train``).
 """
 
 from __future__ import annotations
