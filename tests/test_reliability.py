@@ -203,6 +203,26 @@ def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itsel
     assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
 
 
+def test_an_error_one_rank_meets_ends_the_other_with_one_line_under_torchrun(tmp_path, make_train_args):
+    """A corrupt image that only one rank reads: that rank prints the error naming the file; the other, whose
+    collective finds the peer gone, ends with one line saying so instead of a traceback; both exit with status 1."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.png")
+    data = (folder / "img_07.png").read_bytes()
+    (folder / "img_07.png").write_bytes(data[: len(data) // 2])
+    args = [*make_train_args(tmp_path / "run"), "--train_data_dir", str(folder), "--train_batch_size", "2", *QUIET]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = finish([*launcher, str(ROOT / "scripts" / "train.py"), *args], tmp_path / "hf_home")
+    found, lost = sorted(error_lines(done.stderr), key=lambda line: "another process" in line)
+    assert re.match(r"train\.py: error: \[rank \d\] Cannot read image file .*img_07\.png", found), found
+    assert "another process left or stopped answering" in lost and "Connection closed by peer" in lost, lost
+    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]  # no signal death
+    assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
+
+
 def test_an_error_every_rank_meets_is_reported_once_under_torchrun(tmp_path):
     """Bad input that every rank finds by itself (sample.py's --model, checked by each rank): one line from rank 0,
     the other rank exits quietly with status 1 (it sees rank 0 leave on an error too)."""

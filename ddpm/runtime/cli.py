@@ -49,7 +49,9 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
 
     On a rank other than 0, an error rank 0 shared (:class:`PeerFailed`), or one rank 0 meets too (it is leaving on an
     error within seconds: :func:`~ddpm.runtime.distributed.leave_together`), exits with status 1 and no message; an
-    error of this rank's own is printed with its rank.
+    error of this rank's own is printed with its rank. A collective that finds another process gone or silent
+    (:func:`lost_peer`) ends this one with one line too (that process printed its own error, if it could); any other
+    RuntimeError is a bug and keeps its traceback.
     """
     errors = errors or (ValueError, OSError)
     try:
@@ -66,3 +68,32 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
         if leave_together():  # rank 0 fails too (an error every rank meets): it prints the line
             raise SystemExit(1) from None
         raise SystemExit(error_line(prog, e if rank == 0 else f"[rank {rank}] {e}")) from None
+    except RuntimeError as e:
+        if os.environ.get(DEBUG_ENV) == "1" or not lost_peer(e):
+            raise  # a bug: its traceback
+        # Another process reported its own error and left (or was killed, or hangs): one line here, not a traceback
+        # around the collective that noticed. No leave_together: the peer may be gone without counting out.
+        message = f"[rank {process_rank()}] another process left or stopped answering (its error, if any, is above): "
+        raise SystemExit(error_line(prog, message + backend_message(e))) from None
+
+
+# How a collective reports a peer that is gone or silent: gloo raises plain RuntimeErrors from its transport;
+# NCCL and the rendezvous store raise torch.distributed.DistError subclasses.
+_LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out waiting")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective noticing that another process left or stopped answering."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER_MESSAGES)
+
+
+def backend_message(error: BaseException) -> str:
+    """The first line of a backend's error message, without its C++ source location (``[.../pair.cc:561] ``)."""
+    line = str(error).strip().split("\n")[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line
