@@ -219,7 +219,8 @@ def test_an_error_one_rank_meets_ends_the_other_with_one_line_under_torchrun(tmp
     found, lost = sorted(error_lines(done.stderr), key=lambda line: "another process" in line)
     assert re.match(r"train\.py: error: \[rank \d\] Cannot read image file .*img_07\.png", found), found
     assert "another process left or stopped answering" in lost and "Connection closed by peer" in lost, lost
-    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]  # no signal death
+    # No signal death: torchrun's agent SIGTERMs the survivor within 0.1 s of the first exit, which ignores it.
+    assert re.findall(r"exitcode\s+: (-?\d+)", done.stderr) == ["1", "1"], done.stderr[-4000:]
     assert "ddpm/" not in done.stderr and 'train.py", line' not in done.stderr  # no frame of a worker
 
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .distributed import PeerFailed, leave_together
+from .distributed import PeerFailed, backend_message, leave_by_the_error, leave_together, lost_peer
 
 DEBUG_ENV = "DDPM_DEBUG"  # set to 1: expected errors raise with their traceback (to debug the tool itself)
 
@@ -73,27 +73,6 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
             raise  # a bug: its traceback
         # Another process reported its own error and left (or was killed, or hangs): one line here, not a traceback
         # around the collective that noticed. No leave_together: the peer may be gone without counting out.
+        leave_by_the_error()
         message = f"[rank {process_rank()}] another process left or stopped answering (its error, if any, is above): "
         raise SystemExit(error_line(prog, message + backend_message(e))) from None
-
-
-# How a collective reports a peer that is gone or silent: gloo raises plain RuntimeErrors from its transport;
-# NCCL and the rendezvous store raise torch.distributed.DistError subclasses.
-_LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out waiting")
-
-
-def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective noticing that another process left or stopped answering."""
-    import torch.distributed as dist
-
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER_MESSAGES)
-
-
-def backend_message(error: BaseException) -> str:
-    """The first line of a backend's error message, without its C++ source location (``[.../pair.cc:561] ``)."""
-    line = str(error).strip().split("\n")[0]
-    if line.startswith("[") and "] " in line:
-        line = line.split("] ", 1)[1]
-    return line

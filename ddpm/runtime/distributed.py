@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +126,34 @@ def agent_store(timeout: timedelta) -> dist.Store | None:
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"ddpm/restart_{restart_count()}", store)
+
+
+# How a collective reports a peer that is gone or silent: gloo raises plain RuntimeErrors from its transport;
+# NCCL and the rendezvous store raise torch.distributed.DistError subclasses.
+_LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out waiting")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective noticing that another process left or stopped answering."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER_MESSAGES)
+
+
+def backend_message(error: BaseException) -> str:
+    """The first line of a backend's error message, without its C++ source location (``[.../pair.cc:561] ``)."""
+    line = str(error).strip().split("\n")[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line
+
+
+def leave_by_the_error() -> None:
+    """This worker is leaving on an error another process caused: torchrun's agent, which saw that process exit,
+    sends this one SIGTERM within its monitor interval (0.1 s); ignore it so that the worker ends by its own exit
+    status, not by the signal. A no-op off the main thread (signal handlers can only be set there)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def leave_together(timeout_s: float = 30.0, rank0_wait_s: float = 5.0) -> bool:

@@ -30,6 +30,8 @@ from ..runtime.distributed import (
     barrier,
     gather_objects,
     init_distributed,
+    leave_by_the_error,
+    lost_peer,
     shutdown,
 )
 from .artifacts import end_of_epoch
@@ -82,6 +84,10 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
         if run.uploads is not None:  # rank 0 waits for its last Hub upload once the others have left
             run.uploads.finish()
         return TrainResult(state.global_step, state.epoch, stopped, state.last_checkpoint, run.unet, run.ema)
+    except RuntimeError as e:
+        if lost_peer(e):  # another process failed: torchrun is about to SIGTERM this one, which leaves by the error
+            leave_by_the_error()
+        raise
     finally:
         if ctx.is_main:  # the lock build_run took on --output_dir (if it got that far: never another run's)
             release_lock(config.output_dir)
