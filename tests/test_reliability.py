@@ -128,15 +128,20 @@ def resume_args(make_train_args, out, *extra):
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
-def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args):
-    """Data: a truncated image file gives an error naming it, or is skipped and counted with --skip_corrupt_images."""
-    folder = tmp_path / "images"
+def images_with_a_truncated_file(folder: Path) -> Path:
+    """16 random 12x12 PNGs in ``folder``, of which ``img_07.png`` is cut in half."""
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(16):
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.png")
     data = (folder / "img_07.png").read_bytes()
     (folder / "img_07.png").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted(tmp_path, make_train_args):
+    """Data: a truncated image file gives an error naming it, or is skipped and counted with --skip_corrupt_images."""
+    folder = images_with_a_truncated_file(tmp_path / "images")
     args = [*make_train_args(tmp_path / "strict"), "--train_data_dir", str(folder), *QUIET]
     with pytest.raises(SystemExit, match=r"^train\.py: error: .*img_07\.png.*--skip_corrupt_images"):
         script.main(args)
@@ -206,13 +211,7 @@ def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itsel
 def test_an_error_one_rank_meets_ends_the_other_with_one_line_under_torchrun(tmp_path, make_train_args):
     """A corrupt image that only one rank reads: that rank prints the error naming the file; the other, whose
     collective finds the peer gone, ends with one line saying so instead of a traceback; both exit with status 1."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.png")
-    data = (folder / "img_07.png").read_bytes()
-    (folder / "img_07.png").write_bytes(data[: len(data) // 2])
+    folder = images_with_a_truncated_file(tmp_path / "images")
     args = [*make_train_args(tmp_path / "run"), "--train_data_dir", str(folder), "--train_batch_size", "2", *QUIET]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     done = finish([*launcher, str(ROOT / "scripts" / "train.py"), *args], tmp_path / "hf_home")
