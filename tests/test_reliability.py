@@ -194,6 +194,22 @@ def test_bad_input_stops_with_one_line_and_no_traceback(trained, tmp_path, make_
     assert message.format(out=out) in line
 
 
+@pytest.mark.parametrize("script_name", ["train.py", "sample.py"])
+def test_debug_shows_the_traceback_of_an_expected_error(tmp_path, script_name):
+    """``--debug`` (every script has it) turns the one-line error back into the exception with its traceback."""
+    if script_name == "train.py":
+        args = ["--output_dir", str(tmp_path / "run"), "--train_data_dir", str(tmp_path / "nope")]
+    else:
+        args = ["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--num_images", "1"]
+    command = [sys.executable, str(ROOT / "scripts" / script_name), *args]
+    plain = finish(command, tmp_path / "hf_home")
+    debug = finish([*command, "--debug"], tmp_path / "hf_home")
+    assert plain.returncode == debug.returncode == 1
+    assert "Traceback" not in plain.stderr and f"{script_name}: error: " in plain.stderr, plain.stderr[-4000:]
+    assert "Traceback (most recent call last)" in debug.stderr, debug.stderr[-4000:]
+    assert str(tmp_path / "nope") in debug.stderr.splitlines()[-1]
+
+
 def test_bad_input_under_torchrun_is_reported_once_and_every_rank_exits_by_itself(tmp_path, make_train_args):
     """Bad input under ``torchrun --nproc_per_node=2`` (--push_to_hub without a token, found by rank 0 before any
     data is read): the one-line error is printed once, every worker exits with status 1 (no worker killed by a signal,

@@ -5,13 +5,15 @@ around its message makes it look like a crash. :class:`ScriptParser` reports usa
 :func:`user_errors` the errors raised while the script runs (exit status 1). Under ``torchrun`` the line is printed
 once: usage errors and errors that rank 0 shares with the others (:class:`~ddpm.runtime.distributed.PeerFailed`)
 by rank 0 only; the other ranks exit quietly with the same status, and none is killed by torchrun's agent on the way
-out (:func:`~ddpm.runtime.distributed.leave_together`). ``DDPM_DEBUG=1`` shows the traceback instead.
+out (:func:`~ddpm.runtime.distributed.leave_together`). Every script's ``--debug`` flag (or ``DDPM_DEBUG=1``) shows
+the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,7 +37,24 @@ def error_line(prog: str, message: object) -> str:
 
 class ScriptParser(argparse.ArgumentParser):
     """``argparse`` whose usage errors are one line, ``prog: error: message`` (``--help`` shows the usage), printed
-    by rank 0 only; exit status 2 as argparse's."""
+    by rank 0 only; exit status 2 as argparse's. It adds ``--debug`` to every script: given, it sets ``DDPM_DEBUG=1``
+    for :func:`user_errors` (and the processes this one starts) and is not part of the parsed namespace."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any):
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--debug",
+            action="store_true",
+            help=f"show the Python traceback of an expected error too, to debug the tool itself (as {DEBUG_ENV}=1)",
+        )
+
+    def parse_known_args(self, *args: typing.Any, **kwargs: typing.Any) -> tuple[argparse.Namespace, list[str]]:
+        namespace, rest = super().parse_known_args(*args, **kwargs)
+        if getattr(namespace, "debug", False):
+            os.environ[DEBUG_ENV] = "1"
+        if hasattr(namespace, "debug"):
+            delattr(namespace, "debug")
+        return namespace, rest
 
     def error(self, message: str) -> None:  # type: ignore[override]
         leave_together()
