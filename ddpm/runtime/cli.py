@@ -22,6 +22,11 @@ from .distributed import PeerFailed, backend_message, leave_by_the_error, leave_
 DEBUG_ENV = "DDPM_DEBUG"  # set to 1: expected errors raise with their traceback (to debug the tool itself)
 
 
+def debugging() -> bool:
+    """Whether expected errors keep their traceback (``--debug`` or ``DDPM_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV) == "1"
+
+
 def process_rank() -> int:
     """This process's rank in a ``torchrun`` launch (0 without one), read before any process group exists."""
     try:
@@ -50,10 +55,8 @@ class ScriptParser(argparse.ArgumentParser):
 
     def parse_known_args(self, *args: typing.Any, **kwargs: typing.Any) -> tuple[argparse.Namespace, list[str]]:
         namespace, rest = super().parse_known_args(*args, **kwargs)
-        if getattr(namespace, "debug", False):
+        if vars(namespace).pop("debug", False):
             os.environ[DEBUG_ENV] = "1"
-        if hasattr(namespace, "debug"):
-            delattr(namespace, "debug")
         return namespace, rest
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -76,19 +79,19 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except PeerFailed:
-        if os.environ.get(DEBUG_ENV) == "1":
+        if debugging():
             raise
         leave_together()
         raise SystemExit(1) from None
     except errors as e:
-        if os.environ.get(DEBUG_ENV) == "1":
+        if debugging():
             raise
         rank = process_rank()
         if leave_together():  # rank 0 fails too (an error every rank meets): it prints the line
             raise SystemExit(1) from None
         raise SystemExit(error_line(prog, e if rank == 0 else f"[rank {rank}] {e}")) from None
     except RuntimeError as e:
-        if os.environ.get(DEBUG_ENV) == "1" or not lost_peer(e):
+        if debugging() or not lost_peer(e):
             raise  # a bug: its traceback
         # Another process reported its own error and left (or was killed, or hangs): one line here, not a traceback
         # around the collective that noticed. No leave_together: the peer may be gone without counting out.
