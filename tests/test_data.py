@@ -227,6 +227,22 @@ def test_transform_shape_and_range_upscales_small_images(channels):
     assert batch.min() == -1 and batch.max() > 0.9
 
 
+@pytest.mark.parametrize("preserve_precision", [False, True])
+def test_batched_and_kept_reads_equal_decoding_each_sample(preserve_precision):
+    """The DataLoader's batched read (``__getitems__``) and ``keep_resized`` (the built-in sets in training) give
+    exactly the tensors of decoding and transforming each sample; the kept pixels cannot be written to."""
+    ds = _random_images(6, size=(13, 9))
+    transform = ImageTransform(8, random_flip=True, preserve_precision=preserve_precision)
+    each, kept = ImageDataset(ds, "image", transform), ImageDataset(ds, "image", transform, keep_resized=True)
+    keys = [(i % 6, seed) for i, seed in enumerate(range(100, 112))]  # every image twice, other crops and flips
+    expected = torch.stack([each[key] for key in keys])
+    assert torch.equal(each.__getitems__(keys), expected)
+    assert torch.equal(kept.__getitems__(keys), expected)
+    assert torch.equal(torch.stack([kept[key] for key in keys]), expected)
+    assert kept.resized(0) is kept.resized(0) and not kept.resized(0).flags.writeable
+    assert each.resized(0) is not each.resized(0)
+
+
 def test_transform_equals_torchvision_pipeline():
     """Same pixels as train_unconditional's Compose, and the same draws as RandomCrop/RandomHorizontalFlip."""
     image = _random_images(1, size=(13, 9))[0]["image"]

@@ -317,16 +317,16 @@ def test_metrics_log_and_sample_grids(tmp_path, tiny_train_args):
 
 
 def test_data_wait_is_the_share_of_the_tick_spent_waiting_for_images(tmp_path, tiny_train_args, monkeypatch):
-    """Images that take 20 ms each (4 per step) against a step of a few ms: the loader sets the pace."""
+    """Images that take 50 ms each (4 per step) against a step of a few ms: the loader sets the pace."""
     from ddpm.data.datasets import ImageDataset
 
-    fast = ImageDataset.__getitem__
+    fast = ImageDataset.resized  # what the per-sample and the batched reads both go through
 
-    def slow(self, key):
-        time.sleep(0.02)
-        return fast(self, key)
+    def slow(self, index):
+        time.sleep(0.05)
+        return fast(self, index)
 
-    monkeypatch.setattr(ImageDataset, "__getitem__", slow)
+    monkeypatch.setattr(ImageDataset, "resized", slow)
     run([*tiny_train_args, "--logging_steps", "2"])
     assert all(m["data_wait"] > 0.5 for m in read_metrics(tmp_path / "run"))
 

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
@@ -188,6 +189,13 @@ def load_image_dataset(
     return dataset, find_image_column(dataset, image_column, source)
 
 
+def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """``(index, aug_seed)`` of a dataset key: a :class:`~ddpm.data.sampler.GlobalBatchSampler` pair, or a plain
+    index (``aug_seed`` 0, meant for evaluation with a centre crop)."""
+    index, aug_seed = (key, 0) if isinstance(key, int) else key
+    return int(index), int(aug_seed)
+
+
 class CorruptImageError(ValueError):
     """An image that cannot be read or decoded; the message names the file (or the dataset index)."""
 
@@ -201,6 +209,9 @@ class ImageDataset(torch.utils.data.Dataset):
     An unreadable image raises :class:`CorruptImageError` naming the file, or, with ``skip_corrupt_images``, is
     replaced by the next readable image (``index+1``, ``index+2``, ..., with the same ``aug_seed``, so the
     replacement is deterministic) and counted in :attr:`num_corrupt_skipped`.
+
+    ``keep_resized``: each image is decoded and resized once, then kept in memory (in each DataLoader worker): for
+    small datasets such as the built-in ones, where decoding each access would cost more than the model's step.
     """
 
     def __init__(
@@ -210,6 +221,7 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: ImageTransform,
         *,
         skip_corrupt_images: bool = False,
+        keep_resized: bool = False,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("ImageDataset: the dataset is empty")
@@ -223,6 +235,7 @@ class ImageDataset(torch.utils.data.Dataset):
         # Shared memory, so that skips counted inside DataLoader worker processes (fork, spawn or forkserver)
         # are visible here; one slot per process (slot 0: this one) so that no increment needs a lock.
         self._corrupt_counts = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+        self._kept: dict[int, np.ndarray] | None = {} if keep_resized else None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -245,12 +258,23 @@ class ImageDataset(torch.utils.data.Dataset):
             raise CorruptImageError(f"Cannot read {where}: {type(err).__name__}: {err}") from err
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        index, aug_seed = (key, 0) if isinstance(key, int) else key
-        return self.transform.augment(self.resized(int(index)), torch.Generator().manual_seed(int(aug_seed)))
+        index, aug_seed = sample_key(key)
+        return self.transform.augment(self.resized(index), torch.Generator().manual_seed(aug_seed))
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> torch.Tensor:
+        """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): the same values, stacked."""
+        indices, aug_seeds = zip(*map(sample_key, keys), strict=True)
+        return self.transform.augment_batch([self.resized(index) for index in indices], aug_seeds)
 
     def resized(self, index: int) -> np.ndarray:
         """Image ``index`` (or its replacement) through ``transform.resize``: uint8 ``(H, W, C)``."""
-        return self.transform.resize(self.load_or_replace(index))
+        if self._kept is None:
+            return self.transform.resize(self.load_or_replace(index))
+        pixels = self._kept.get(index)
+        if pixels is None:
+            pixels = self._kept[index] = self.transform.resize(self.load_or_replace(index))
+            pixels.setflags(write=False)  # shared by every later access: nothing may write into it
+        return pixels
 
     def load_or_replace(self, index: int) -> Image.Image:
         """Decode image ``index``, or with ``skip_corrupt_images`` the next readable one (see the class docstring)."""

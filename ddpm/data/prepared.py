@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from ..io.files import atomic_write_dir, read_json, write_json
-from .datasets import ImageDataset
-from .transforms import ImageTransform, to_model_range
+from .datasets import ImageDataset, sample_key
+from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
 
@@ -206,19 +206,13 @@ class PreparedImages(torch.utils.data.Dataset):
         return self._pixels[lo:hi].reshape(height, width, self.transform.channels)
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        index, aug_seed = (key, 0) if isinstance(key, int) else key
-        return self.transform.augment(self.resized(int(index)), torch.Generator().manual_seed(int(aug_seed)))
+        index, aug_seed = sample_key(key)
+        return self.transform.augment(self.resized(index), torch.Generator().manual_seed(aug_seed))
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """A whole batch at once (DataLoader calls this instead of ``__getitem__`` per sample): the same values,
-        with the per-sample cost reduced to the random draws and a copy of the pixels."""
-        res, channels = self.transform.resolution, self.transform.channels
-        batch = np.empty((len(keys), res, res, channels), dtype=self.dtype)
-        for row, key in enumerate(keys):
-            index, aug_seed = (key, 0) if isinstance(key, int) else key
-            generator = torch.Generator().manual_seed(int(aug_seed))
-            batch[row] = self.transform.crop_and_flip(self.resized(int(index)), generator)
-        return to_model_range(batch)
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> torch.Tensor:
+        """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): the same values, stacked."""
+        indices, aug_seeds = zip(*map(sample_key, keys), strict=True)
+        return self.transform.augment_batch([self.resized(index) for index in indices], aug_seeds)
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) map the file themselves
         return {**self.__dict__, "_pixels": None}
