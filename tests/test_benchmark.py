@@ -6,6 +6,7 @@ gradients, updated weights) with each lever against the plain eager path, from i
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,54 @@ def test_the_data_benchmark_times_the_loader_and_trains_the_same_weights(tmp_pat
     assert row["prepared_img_s"] > row["folder_img_s"]
     assert document["train"]["identical_weights"] is True
     assert 0 <= document["train"]["prepared"]["data_wait"] <= 1
+
+
+def test_loop_vs_step_trains_each_round_and_compares_it_with_the_raw_step(tmp_path, tiny_unet_json, capsys):
+    """scripts/benchmark_loop.py: every round really trains (its own folder, its logged ticks) between two raw
+    timings, and the ratios are the logged median over the mean of the raw figures."""
+    loop = load_script("benchmark_loop")
+    config = tmp_path / "tiny.json"
+    config.write_text(
+        json.dumps(
+            dict(
+                dataset_name="builtin:digits",
+                model_config_name_or_path=str(tiny_unet_json),
+                resolution=8,
+                train_batch_size=4,
+                logging_steps=2,
+                checkpointing_steps=100,
+                logger="none",
+                seed=0,
+                device="cpu",
+                ddpm_num_steps=100,
+                ddpm_num_inference_steps=2,
+                sampler="ddim",
+                eval_batch_size=2,
+            )
+        )
+    )
+    result = loop.main(
+        ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--rounds", "2", "--steps", "6",
+         "--raw_steps", "1", "--json", str(tmp_path / "loop.json")]
+    )  # fmt: skip
+    assert json.loads((tmp_path / "loop.json").read_text()) == result
+    assert len(result["rounds"]) == 2
+    for index, r in enumerate(result["rounds"]):
+        metrics = tmp_path / "out" / f"round-{index}" / "logs" / "metrics.jsonl"
+        ticks = [json.loads(line)["img_s"] for line in metrics.read_text().splitlines()]
+        assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4, 6]
+        assert r["loop"] == statistics.median(ticks[1:])  # the first interval (the warm-up) left out
+        assert all(_finite_positive(r[k]) for k in ("raw_before", "loop", "raw_after"))
+        assert r["ratio"] == pytest.approx(2 * r["loop"] / (r["raw_before"] + r["raw_after"]))
+    assert result["median_ratio"] == pytest.approx(sum(r["ratio"] for r in result["rounds"]) / 2)
+    assert "median ratio over 2 rounds" in capsys.readouterr().out
+
+
+def test_loop_vs_step_names_a_bad_config_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dataset_name = "builtin:digits"\nlearning_rat = 1e-3\n')
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("benchmark_loop").main(["--config", str(bad), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rat" in err and "Traceback" not in err and not (tmp_path / "out").exists()
