@@ -178,7 +178,7 @@ def load_image_dataset(
         dataset = _load_with_datasets(source, "imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     else:
         source = f"--dataset_name {dataset_name!r}"
-        if dataset_name.startswith(BUILTIN_PREFIX):
+        if is_builtin(dataset_name):
             dataset = _load_builtin(dataset_name, dataset_config_name)
         elif os.path.isdir(dataset_name) and _is_saved_to_disk(dataset_name):
             dataset = _load_from_disk(dataset_name, dataset_config_name)
@@ -189,18 +189,44 @@ def load_image_dataset(
     return dataset, find_image_column(dataset, image_column, source)
 
 
-def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+def is_builtin(dataset_name: str | None) -> bool:
+    """Whether ``--dataset_name`` names a dataset shipped with the package (``builtin:NAME[:SPLIT]``)."""
+    return dataset_name is not None and dataset_name.startswith(BUILTIN_PREFIX)
+
+
+def _sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
     """``(index, aug_seed)`` of a dataset key: a :class:`~ddpm.data.sampler.GlobalBatchSampler` pair, or a plain
     index (``aug_seed`` 0, meant for evaluation with a centre crop)."""
     index, aug_seed = (key, 0) if isinstance(key, int) else key
     return int(index), int(aug_seed)
 
 
+class AugmentedImages(torch.utils.data.Dataset):
+    """A training dataset as the loader reads it: key ``(index, aug_seed)`` -> image ``index`` as :meth:`resized`
+    gives it, through ``transform.augment`` with a generator seeded by ``aug_seed``; one key at a time or a whole
+    batch (:meth:`__getitems__`, the same values). Subclasses set ``transform`` and define :meth:`resized`."""
+
+    transform: ImageTransform
+
+    def resized(self, index: int) -> np.ndarray:
+        """Image ``index`` through ``transform.resize``: ``(H, W, C)``."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        index, aug_seed = _sample_key(key)
+        return self.transform.augment(self.resized(index), torch.Generator().manual_seed(aug_seed))
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> torch.Tensor:
+        """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): the same values, stacked."""
+        indices, aug_seeds = zip(*map(_sample_key, keys), strict=True)
+        return self.transform.augment_batch([self.resized(index) for index in indices], aug_seeds)
+
+
 class CorruptImageError(ValueError):
     """An image that cannot be read or decoded; the message names the file (or the dataset index)."""
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(AugmentedImages):
     """A map-style dataset over ``(index, aug_seed)`` keys (as :class:`GlobalBatchSampler` yields them).
 
     ``dataset[(index, aug_seed)]`` decodes image ``index`` of ``dataset`` and transforms it with a generator seeded
@@ -256,15 +282,6 @@ class ImageDataset(torch.utils.data.Dataset):
             return self._decoder.decode_example(cell)
         except _DECODE_ERRORS as err:
             raise CorruptImageError(f"Cannot read {where}: {type(err).__name__}: {err}") from err
-
-    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        index, aug_seed = sample_key(key)
-        return self.transform.augment(self.resized(index), torch.Generator().manual_seed(aug_seed))
-
-    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> torch.Tensor:
-        """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): the same values, stacked."""
-        indices, aug_seeds = zip(*map(sample_key, keys), strict=True)
-        return self.transform.augment_batch([self.resized(index) for index in indices], aug_seeds)
 
     def resized(self, index: int) -> np.ndarray:
         """Image ``index`` (or its replacement) through ``transform.resize``: uint8 ``(H, W, C)``."""

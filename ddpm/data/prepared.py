@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..io.files import atomic_write_dir, read_json, write_json
-from .datasets import ImageDataset, sample_key
+from .datasets import AugmentedImages, ImageDataset
 from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _dtype(preserve_precision: bool) -> np.dtype:
     return np.dtype(np.float32 if preserve_precision else np.uint8)
 
 
-class PreparedImages(torch.utils.data.Dataset):
+class PreparedImages(AugmentedImages):
     """A prepared folder as a training dataset: the same interface and the same tensors as :class:`ImageDataset`
     over its source, without decoding.
 
@@ -204,15 +204,6 @@ class PreparedImages(torch.utils.data.Dataset):
         height, width = self.shapes[index]
         lo, hi = self.offsets[index], self.offsets[index + 1]
         return self._pixels[lo:hi].reshape(height, width, self.transform.channels)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        index, aug_seed = sample_key(key)
-        return self.transform.augment(self.resized(index), torch.Generator().manual_seed(aug_seed))
-
-    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> torch.Tensor:
-        """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): the same values, stacked."""
-        indices, aug_seeds = zip(*map(sample_key, keys), strict=True)
-        return self.transform.augment_batch([self.resized(index) for index in indices], aug_seeds)
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) map the file themselves
         return {**self.__dict__, "_pixels": None}

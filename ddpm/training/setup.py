@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
-from ..data.datasets import BUILTIN_PREFIX, ImageDataset, load_image_dataset
+from ..data.datasets import ImageDataset, is_builtin, load_image_dataset
 from ..data.prepared import PreparedImages, check_prepared, is_prepared
 from ..data.sampler import GlobalBatchSampler, SeedStream, build_dataloader, derive_seed
 from ..data.transforms import ImageTransform
@@ -271,10 +271,8 @@ def _load_data(
             config.image_column,
         )
         # a built-in set is small: decoding and resizing each image once, not at every access, keeps the step fed
-        builtin = config.dataset_name is not None and config.dataset_name.startswith(BUILTIN_PREFIX)
-        return ImageDataset(
-            data, column, transform, skip_corrupt_images=config.skip_corrupt_images, keep_resized=builtin
-        )
+        keep = is_builtin(config.dataset_name)
+        return ImageDataset(data, column, transform, skip_corrupt_images=config.skip_corrupt_images, keep_resized=keep)
 
     # Rank 0 downloads and prepares the cache alone, then the others read it.
     dataset = run_on_main(ctx, load, share=False)
