@@ -167,6 +167,26 @@ def test_compiled_step_under_ddp_with_accumulation_and_checkpointing_equals_eage
         assert_same_tensors(compiled, read_safetensors(tmp_path / "eager" / f"rank{rank}.safetensors"), **ROUNDING)
 
 
+def test_one_process_under_torchrun_trains_in_ddp_to_the_weights_of_a_plain_process(tmp_path, make_train_args):
+    """torchrun --nproc_per_node=1 forms a process group and wraps the UNet in DDP (so one GPU can check the
+    multi-GPU path); an all-reduce over one process changes nothing, so the weights equal a plain process's, bit for
+    bit. A plain process has no group (the header line says which)."""
+    from ddpm.io.files import read_safetensors
+
+    common = ["--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--train_batch_size", "2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    logs = {}
+    for name, prefix in (("torchrun", launcher), ("plain", [sys.executable])):
+        command = [*prefix, str(ROOT / "scripts" / "train.py"), *make_train_args(tmp_path / name), *common]
+        done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-5000:]
+        logs[name] = done.stderr
+    assert "; DDP over gloo" in logs["torchrun"] and "DDP over" not in logs["plain"]
+    assert "(2 x 1 processes x 2)" in logs["torchrun"]
+    weights = {name: read_safetensors(tmp_path / name / "checkpoint-2" / "model.safetensors") for name in logs}
+    assert_same_tensors(weights["torchrun"], weights["plain"])
+
+
 def _worker() -> None:
     """torchrun entry point: train with the given flags, then write this rank's live weights."""
     from ddpm.io.files import write_safetensors

@@ -5,6 +5,7 @@ flags merge with a pretrained model's schedule."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 import diffusers
@@ -305,3 +306,24 @@ def test_a_step_count_the_grid_sampler_cannot_take_is_refused_before_training(ma
     with pytest.raises(ValueError, match="--ddpm_num_inference_steps=100 with the dpmsolver"):
         run([*make_train_args(tmp_path / "run"), *ONE_STEP, *args])
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_sets_the_cuda_backends_for_reproducible_kernels(monkeypatch, deterministic):
+    """--deterministic: no cuDNN autotuning, deterministic algorithms, a fixed cuBLAS workspace; without it cuDNN
+    picks its fastest kernels. The backend switches are set for a CUDA device without touching one (the CUDA run
+    is scripts/gpu_check.py's bit-exact resume)."""
+    from ddpm.training import setup
+
+    for flag in ("benchmark", "deterministic"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append((mode, kw)))
+    config = script.parse_args(["--dataset_name", "builtin:digits", *(["--deterministic"] if deterministic else [])])
+    assert config.deterministic is deterministic
+    setup._configure_backends(config, torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is not deterministic
+    assert torch.backends.cudnn.deterministic is deterministic
+    assert calls == ([(True, {"warn_only": True})] if deterministic else [])
+    assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic

@@ -48,7 +48,8 @@ class DistributedContext:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group (several processes, or one started by ``torchrun``): the model trains in DDP."""
+        return self.control_group is not None
 
 
 class PeerFailed(RuntimeError):
@@ -91,8 +92,10 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto", timeout_s: float = 7200.0, local_rank: int = -1) -> DistributedContext:
     """Join the ``torchrun`` process group if there is one, else describe a single process.
 
-    ``local_rank`` is the legacy ``--local_rank`` flag of ``torch.distributed.launch``; ``LOCAL_RANK`` from the
-    environment wins over it, as in diffusers.
+    A process started by ``torchrun`` joins a group even when it is the only one (as nanoGPT does), so
+    ``torchrun --nproc_per_node=1`` runs the multi-GPU path (NCCL, DDP, ``no_sync``) on one GPU; a plain
+    ``python scripts/train.py`` is a single process without one. ``local_rank`` is the legacy ``--local_rank``
+    flag of ``torch.distributed.launch``; ``LOCAL_RANK`` from the environment wins over it, as in diffusers.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -102,7 +105,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 7200.0, local_rank
     torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if world_size == 1:
+    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent sets it for its workers
         return DistributedContext(device=torch_device)
     timeout = timedelta(seconds=timeout_s)
     group = dict(timeout=timeout, store=agent_store(timeout), rank=rank, world_size=world_size)

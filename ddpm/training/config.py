@@ -182,6 +182,12 @@ class TrainConfig:
         "step 1000, 0.1 before step 2000, then 0.01.",
     )
     allow_tf32: bool = _flag(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster float32).")
+    deterministic: bool = _flag(
+        False,
+        "Deterministic GPU kernels (no cuDNN autotuning; torch.use_deterministic_algorithms, warning where an "
+        "operation has none): a run and its resume give the same weights bit for bit on the same GPU, at some "
+        "speed. CPU runs are deterministic without it.",
+    )
     gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _flag(False, "torch.compile the model.")
     channels_last: bool | None = _flag(

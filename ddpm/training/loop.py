@@ -226,6 +226,7 @@ def _announce(run: Run) -> None:
         f"  Total optimization steps = {run.total_steps}\n"
         f"  Model parameters = {run.unet.num_parameters():,}; device {run.device}; precision "
         f"{config.mixed_precision}; seed {run.seed}"
+        + (f"; DDP over {torch.distributed.get_backend()}" if run.ddp is not None else "")
     )
     if run.device.type == "cuda" and config.dataloader_num_workers == 0:
         run.log.write("  Tip: --dataloader_num_workers 4 (or more) keeps the GPU fed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import secrets
 from pathlib import Path
 
@@ -219,7 +220,15 @@ def check_same_model(checkpoint: TrainingCheckpoint, unet: UNetConfig, schedule:
 
 def _configure_backends(config: TrainConfig, device: torch.device) -> None:
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
+        if config.deterministic:
+            # cuBLAS reads its workspace setting when its first handle is made (after this): fixed, for reproducible
+            # matmuls. Operations with no deterministic kernel warn instead of failing.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            # Fixed shapes: cuDNN times its kernels once and keeps the fastest (so two runs may round differently).
+            torch.backends.cudnn.benchmark = True
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

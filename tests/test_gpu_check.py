@@ -1,0 +1,76 @@
+"""scripts/gpu_check.py's machinery on a CPU (its checks need CUDA): the exit without a GPU, the end of a command
+that overruns (every process it started, torchrun's workers in their own sessions included), the time budget, and
+how the DDP check reads a run's output."""
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_script
+
+gpu_check = load_script("gpu_check")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a killed orphan may wait as a zombie for its reaper
+
+
+def test_without_cuda_it_exits_at_once_with_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--output_dir", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "gpu_check.py: CUDA is not available here: nothing to check (this script needs a GPU)"
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_command_that_overruns_ends_with_every_process_it_started(monkeypatch, tmp_path):
+    """Like torchrun: the command starts a worker in a session of its own that holds its output and ignores
+    nothing; on the timeout both end, and the output written so far is kept."""
+    monkeypatch.setattr(gpu_check, "TERM_GRACE_S", 1.0)
+    pid_file = tmp_path / "worker.pid"
+    launcher = textwrap.dedent(f"""
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        open({str(pid_file)!r}, "w").write(str(worker.pid))
+        print("launched", flush=True)
+        time.sleep(120)
+    """)
+    start = time.monotonic()
+    ok, output = gpu_check.run([sys.executable, "-c", launcher], 3, gpu_check.Budget(60))
+    assert not ok and "launched" in output and "timed out after 3 s" in output
+    assert time.monotonic() - start < 30
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def test_a_spent_budget_runs_nothing_more_and_says_so(tmp_path):
+    ok, output = gpu_check.run([sys.executable, "-c", "open('ran', 'w')"], 60, gpu_check.Budget(5))
+    assert not ok and output == "not run: the time budget (--budget_s) is spent"
+    assert not (Path(gpu_check.ROOT) / "ran").exists()
+
+
+@pytest.mark.parametrize(
+    "output, passed",
+    [
+        ("; DDP over nccl\nRecompiling function x\nstep 1/10\nstep 2/10\nstep 3/10\n", True),  # warm-up recompile
+        ("; DDP over nccl\nstep 2/10\nRecompiling function x\nstep 3/10\n", False),  # a recompile after step 2
+        ("; DDP over nccl\nstep 2/10\nGrad strides do not match bucket view strides. ...\n", False),
+        ("device cuda:0; precision bf16\nstep 2/10\n", False),  # no process group: DDP never ran
+        ("; DDP over nccl\nstep 1/10\n", False),  # stopped before the warm-up ended
+    ],
+)
+def test_the_ddp_check_reads_ddp_stride_warnings_and_recompiles_after_warm_up(monkeypatch, tmp_path, output, passed):
+    monkeypatch.setattr(gpu_check, "run", lambda command, timeout, budget, env=None: (True, output))
+    result = gpu_check.check_ddp(tmp_path, gpu_check.Budget(60))
+    assert result["passed"] is passed
