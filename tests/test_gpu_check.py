@@ -74,3 +74,10 @@ def test_the_ddp_check_reads_ddp_stride_warnings_and_recompiles_after_warm_up(mo
     monkeypatch.setattr(gpu_check, "run", lambda command, timeout, budget, env=None: (True, output))
     result = gpu_check.check_ddp(tmp_path, gpu_check.Budget(60))
     assert result["passed"] is passed
+
+
+def test_download_wheels_names_a_package_not_installed_here(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "CARRIED", ("einops", "no-such-package-here"))
+    assert gpu_check.main(["--download_wheels", str(tmp_path / "whl")]) == 2
+    assert "no-such-package-here is not installed here" in capsys.readouterr().out
+    assert not (tmp_path / "whl").exists()  # nothing fetched

@@ -317,7 +317,8 @@ def test_deterministic_sets_the_cuda_backends_for_reproducible_kernels(monkeypat
 
     for flag in ("benchmark", "deterministic"):
         monkeypatch.setattr(torch.backends.cudnn, flag, False)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so that what the setup sets is undone after
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     calls = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append((mode, kw)))
     config = script.parse_args(["--dataset_name", "builtin:digits", *(["--deterministic"] if deterministic else [])])

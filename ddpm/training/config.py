@@ -184,9 +184,9 @@ class TrainConfig:
     allow_tf32: bool = _flag(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster float32).")
     deterministic: bool = _flag(
         False,
-        "Deterministic GPU kernels (no cuDNN autotuning; torch.use_deterministic_algorithms, warning where an "
-        "operation has none): a run and its resume give the same weights bit for bit on the same GPU, at some "
-        "speed. CPU runs are deterministic without it.",
+        "Deterministic GPU kernels (no cuDNN autotuning; torch.use_deterministic_algorithms): a run and its resume "
+        "give the same weights bit for bit on the same GPU, at some speed, where every operation has a "
+        "deterministic kernel (torch warns, naming any that has none). CPU runs are deterministic without it.",
     )
     gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _flag(False, "torch.compile the model.")
