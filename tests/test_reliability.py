@@ -678,3 +678,23 @@ if __name__ == "__main__":  # a torchrun worker: record this rank's pid for the 
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
     sys.exit(script.main(sys.argv[2:]))
+
+
+@pytest.mark.parametrize("world_size, one_line", [("2", True), ("1", False)])
+def test_a_lost_peer_is_one_line_only_when_there_is_another_process(monkeypatch, world_size, one_line):
+    """A collective that finds its peer gone ends the process with one line; alone under torchrun
+    (--nproc_per_node=1, a process group of one) there is no peer to lose, so such an error is a bug: traceback."""
+    from ddpm.runtime import cli
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(cli, "leave_by_the_error", lambda: None)
+    error = RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+    expected = SystemExit if one_line else RuntimeError
+    with pytest.raises(expected) as raised, cli.user_errors("train.py"):
+        raise error
+    if one_line:
+        assert "another process left or stopped answering" in str(raised.value.code)
+    else:
+        assert raised.value is error
