@@ -91,8 +91,7 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
             raise SystemExit(1) from None
         raise SystemExit(error_line(prog, e if rank == 0 else f"[rank {rank}] {e}")) from None
     except RuntimeError as e:
-        alone = os.environ.get("WORLD_SIZE", "1") == "1"  # torchrun with one process: there is no other to lose
-        if debugging() or alone or not lost_peer(e):
+        if debugging() or not lost_peer(e):
             raise  # a bug: its traceback
         # Another process reported its own error and left (or was killed, or hangs): one line here, not a traceback
         # around the collective that noticed. No leave_together: the peer may be gone without counting out.

@@ -137,7 +137,10 @@ _LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", 
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective noticing that another process left or stopped answering."""
+    """Whether ``error`` is a collective noticing that another process left or stopped answering (never alone, as
+    under ``torchrun --nproc_per_node=1``: there is no other process, so such an error is something else)."""
+    if _env_int("WORLD_SIZE", 1) < 2:
+        return False
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER_MESSAGES)
