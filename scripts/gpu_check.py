@@ -100,8 +100,8 @@ def run(command: list[str], timeout: float, budget: Budget, env: dict[str, str] 
         return False, "not run: the time budget (--budget_s) is spent"
     timeout = min(timeout, budget.left())
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    env["HF_DATASETS_OFFLINE"] = "1"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # the GPU machine reaches no network
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **offline, **(env or {})}
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -120,7 +120,8 @@ def run(command: list[str], timeout: float, budget: Budget, env: dict[str, str] 
                 output, _ = process.communicate(timeout=TERM_GRACE_S)
             except subprocess.TimeoutExpired:  # something unknown still holds its output: give up on the rest
                 output = ""
-        _kill(*below)  # whatever outlived it (a worker in its own session would keep the GPU)
+        else:
+            _kill(*below)  # whatever outlived the SIGTERM (a worker in its own session would keep the GPU)
         return False, f"{output}\ntimed out after {timeout:.0f} s"
 
 
