@@ -203,6 +203,22 @@ def test_resume_with_another_global_batch_continues_from_the_samples_seen(tmp_pa
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 5, 6]
 
 
+def test_resume_with_another_global_batch_still_trains_every_step_of_the_run(tmp_path, tiny_train_args):
+    # 16 images: batch 12 drops 4 of them per epoch, so 2 epochs of it (24 samples) are 6 steps of batch 4, half an
+    # epoch behind on the epoch grid; the run must still reach its 12 steps, not stop when 3 epochs are done
+    run([*tiny_train_args, "--train_batch_size", "12", "--max_train_steps", "2"])
+    resume = [*tiny_train_args, "--max_train_steps", "12", "--resume_from_checkpoint", "latest"]
+    assert run(resume).global_step == 12
+    assert [m["step"] for m in read_metrics(tmp_path / "run")][-6:] == [7, 8, 9, 10, 11, 12]
+    assert (tmp_path / "run" / "checkpoint-12").is_dir()
+
+
+def test_resuming_past_the_end_of_the_run_names_the_flag(tmp_path, tiny_train_args):
+    run(tiny_train_args)
+    with pytest.raises(ValueError, match=r"checkpoint-4 is at optimizer step 4, past this run's 2 steps: raise "):
+        run([*tiny_train_args, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+
+
 @pytest.fixture(scope="module")
 def fp32_losses(make_train_args, tmp_path_factory):
     """The losses of the 2-step float32 run that the mixed-precision runs shadow."""
@@ -246,6 +262,21 @@ def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(
     assert read_metrics(tmp_path / "run")[-1]["loss_scale"] == 1024.0
 
 
+def test_nonfinite_steps_in_a_row_between_log_ticks_still_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
+    original = NoiseSchedule.training_loss
+    calls = []
+
+    def poisoned(self, *args, **kwargs):  # steps 2, 3 and 4 are non-finite; 5 and later are fine again
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if 2 <= len(calls) <= 4 else loss
+
+    monkeypatch.setattr(NoiseSchedule, "training_loss", poisoned)
+    args = [*tiny_train_args, "--max_train_steps", "8", "--max_nonfinite_steps", "3", "--logging_steps", "6"]
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(by step 6\)"):
+        run(args)
+
+
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
     original = NoiseSchedule.training_loss
     calls = []
@@ -257,7 +288,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tra
 
     monkeypatch.setattr(NoiseSchedule, "training_loss", poisoned)
     args = [*tiny_train_args, "--max_train_steps", "10", "--max_nonfinite_steps", "3"]
-    with pytest.raises(TrainingDiverged, match="last 3 optimizer steps .up to step 5. had non-finite gradients"):
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(by step 5\) had non-finite gradients"):
         run(args)
     records = read_metrics(tmp_path / "run")
     assert [m["skipped_steps"] for m in records] == [0, 0, 1, 2, 3]
@@ -295,6 +326,17 @@ def test_a_previous_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+
+
+@pytest.mark.parametrize("name_it", [lambda path: path.name, str], ids=["bare name", "full path"])
+def test_overwrite_never_deletes_the_checkpoint_it_would_resume_from(tmp_path, tiny_train_args, monkeypatch, name_it):
+    run([*tiny_train_args, "--max_train_steps", "4"])
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    monkeypatch.chdir(tmp_path)  # a bare name is found in --output_dir, not in the working directory
+    with pytest.raises(ValueError, match="--overwrite_output_dir would delete the checkpoint"):
+        run([*tiny_train_args, "--overwrite_output_dir", "--resume_from_checkpoint", name_it(checkpoint)])
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
+    assert load_training_checkpoint(checkpoint).step == 2
 
 
 def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, tiny_train_args, caplog):

@@ -128,7 +128,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _flag(
         None,
         "Resume from a checkpoint folder (any path; a bare name is looked up in --output_dir) or 'latest' "
-        "(the newest in --output_dir; a fresh start when there is none).",
+        "(the newest in --output_dir; a fresh start when there is none). As in diffusers' example, the checkpoint's "
+        "optimizer settings continue (learning rate, betas, eps, weight decay); a new --learning_rate applies only "
+        "when the global batch changed.",
     )
     enable_xformers_memory_efficient_attention: bool = _flag(
         False, "Accepted for compatibility: attention always uses PyTorch's fused scaled_dot_product_attention."
@@ -337,25 +339,15 @@ def _check_combinations(config: TrainConfig) -> None:
             "Give only one of --model_config_name_or_path and --pretrained_model_name_or_path "
             "(a pretrained model brings its own architecture)"
         )
-    if config.overwrite_output_dir and config.resume_from_checkpoint is not None:
-        resume = Path(config.resume_from_checkpoint)
-        if config.resume_from_checkpoint == "latest" or _is_inside(resume, Path(config.output_dir)):
-            raise ValueError(
-                f"--overwrite_output_dir would delete the checkpoint --resume_from_checkpoint="
-                f"{config.resume_from_checkpoint!r} resumes from; drop one of them"
-            )
+    if config.overwrite_output_dir and config.resume_from_checkpoint == "latest":  # a path: prepare_output_dir
+        raise ValueError(
+            "--overwrite_output_dir would delete the checkpoint --resume_from_checkpoint='latest' resumes from; "
+            "drop one of them"
+        )
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------- --config files

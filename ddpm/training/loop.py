@@ -11,6 +11,7 @@ stay on the device until a log tick (every ``--logging_steps`` steps) reads them
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import time
@@ -115,11 +116,12 @@ def _train(run: Run, state: TrainState) -> bool:
     tick = _Tick.begin(state.global_step, run.device)
     run.log.start_bar(run.total_steps, state.global_step)
     agreement = StopAgreement(run.ctx)
+    end_epoch = _end_epoch(run, state)
     # One iterator over every remaining epoch: the loader prefetches across epoch ends (and their grids, exports).
-    run.sampler.set_epoch(state.epoch, state.step_in_epoch, epochs=run.num_epochs - state.epoch)
+    run.sampler.set_epoch(state.epoch, state.step_in_epoch, epochs=end_epoch - state.epoch)
     batches = iter(run.loader)
     with GracefulStop() as graceful:
-        for epoch in range(state.epoch, run.num_epochs):
+        for epoch in range(state.epoch, end_epoch):
             if epoch != state.epoch:
                 state.epoch, state.step_in_epoch = epoch, 0
             run.unet.train()
@@ -149,11 +151,18 @@ def _train(run: Run, state: TrainState) -> bool:
                     )
                     return True
             # ---- epoch end: sample grid, export
-            end_of_epoch(run, state, epoch, last=epoch == run.num_epochs - 1 or state.global_step >= run.total_steps)
+            end_of_epoch(run, state, epoch, last=epoch == end_epoch - 1 or state.global_step >= run.total_steps)
             if state.global_step >= run.total_steps:
                 break
         agreement.finish()
     return False
+
+
+def _end_epoch(run: Run, state: TrainState) -> int:
+    """The epoch (exclusive) in which ``run.total_steps`` is reached from ``state``: ``run.num_epochs``, unless a
+    resume under another global batch put the step counter (samples seen // batch) off the epoch grid."""
+    steps_after_this_epoch = run.total_steps - state.global_step - (run.steps_per_epoch - state.step_in_epoch)
+    return state.epoch + 1 + max(0, math.ceil(steps_after_this_epoch / run.steps_per_epoch))
 
 
 def _settle_saves(run: Run) -> None:
@@ -172,7 +181,8 @@ def _log_tick(run: Run, state: TrainState, tick: _Tick) -> _Tick:
     steps = state.global_step - tick.step
     loss = all_reduce_mean(run.ctx, tick.loss_sum / steps).item()
     grad_norm = last.grad_norm.item()
-    nonfinite_run = int(state.nonfinite_run.item())
+    nonfinite_run = int(state.longest_nonfinite_run.item())  # a run that ended between ticks counts too
+    state.longest_nonfinite_run = state.nonfinite_run
     skipped = int(state.skipped_steps.item())
     elapsed = time.perf_counter() - tick.start
     record = {
@@ -197,7 +207,7 @@ def _log_tick(run: Run, state: TrainState, tick: _Tick) -> _Tick:
     if nonfinite_run >= config.max_nonfinite_steps:
         checkpoint = state.last_checkpoint
         raise TrainingDiverged(
-            f"the last {nonfinite_run} optimizer steps (up to step {state.global_step}) had non-finite gradients "
+            f"{nonfinite_run} optimizer steps in a row (by step {state.global_step}) had non-finite gradients "
             f"and were skipped (--max_nonfinite_steps={config.max_nonfinite_steps}); stopping. "
             + (f"Last good checkpoint: {checkpoint}. " if checkpoint else "No checkpoint was saved. ")
             + "Try a lower --learning_rate, --mixed_precision bf16 or no, or a smaller --max_grad_norm."

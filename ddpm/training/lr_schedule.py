@@ -134,7 +134,7 @@ def build_lr_scheduler(
 
     Its ``state_dict`` holds only numbers (the multiplier is rebuilt from the arguments), so it loads with
     ``torch.load(weights_only=True)``; after ``load_state_dict`` the schedule continues with the current arguments
-    (for example a longer run) from the saved step.
+    (for example a longer run) from the saved step, on the saved base learning rate.
     """
     fn = lr_multiplier(
         name,

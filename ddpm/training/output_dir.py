@@ -49,10 +49,16 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
     if restarts:  # the flags started this run, and this worker continues it from where it got to
         resume = latest_checkpoint(out, resumable=True)
         logger.info("torchrun restarted the workers (restart %d): resuming from %s", restarts, resume or "the start")
-    elif config.overwrite_output_dir:
-        clear_previous_run(out, config.logging_dir)
     if resume is None:
         resume = resolve_resume(config.resume_from_checkpoint, out)
+    if config.overwrite_output_dir and not restarts:
+        # checked on the resolved path: a bare "checkpoint-N" names the one in --output_dir
+        if resume is not None and resume.resolve().is_relative_to(out.resolve()):
+            raise ValueError(
+                f"--overwrite_output_dir would delete the checkpoint --resume_from_checkpoint="
+                f"{config.resume_from_checkpoint!r} resumes from ({resume}); drop one of them"
+            )
+        clear_previous_run(out, config.logging_dir)
     if resume is None and config.resume_from_checkpoint is None and not restarts:
         found = sorted(p.name for p in out.iterdir() if p.name in RUN_MARKERS) + [p.name for p in list_checkpoints(out)]
         if found:

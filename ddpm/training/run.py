@@ -53,7 +53,7 @@ class Run:
     channels_last: bool  # the memory format of the UNet and its inputs (setup.use_channels_last)
     training_loss: TrainingLoss  # the forward pass: noising, unet (in DDP on several processes), loss; compiled?
     ddp: DistributedDataParallel | None  # the DDP wrapper (for no_sync on non-final micro-steps); None on 1 process
-    ema: EMA | None  # --use_ema, on rank 0 only (only it samples and saves)
+    ema: EMA | None  # --use_ema, on rank 0 only: it saves the average and broadcasts it for the shared grids
     # ---- the data
     dataset: ImageDataset | PreparedImages  # a prepared folder, or the source images decoded on the fly
     sampler: GlobalBatchSampler  # the global batch layout: this rank's share of each optimizer step's images

@@ -137,7 +137,7 @@ def build_run(
     optimizer, fused, lr_scheduler = _build_optimizer(config, unet, total_steps)
     precision = Precision(config.mixed_precision, ctx.device)
     ema = None
-    if config.use_ema and ctx.is_main:  # only rank 0 samples and saves, so only it keeps the average
+    if config.use_ema and ctx.is_main:  # rank 0 keeps the average: it saves it and broadcasts it for the grids
         ema = EMA(unet, inv_gamma=config.ema_inv_gamma, power=config.ema_power, max_decay=config.ema_max_decay)
     # ---- noise schedules, the training forward pass, FID monitor, run log
     train_schedule = NoiseSchedule(schedule_config)

@@ -51,6 +51,7 @@ class TrainState:
     # ---- counters on the training device: counting costs no host sync (log ticks and saves read them)
     skipped_steps: torch.Tensor  # steps skipped for non-finite gradients, since the run began (resumes included)
     nonfinite_run: torch.Tensor  # how many of the last steps in a row were skipped
+    longest_nonfinite_run: torch.Tensor  # the longest such run since the last log tick (which reads and resets it)
     # ---- outputs so far
     last_checkpoint: Path | None = None  # the newest checkpoint saved, or the one resumed from
     last_saved_step: int = -1  # the step it holds (-1: none)
@@ -60,7 +61,8 @@ class TrainState:
     def start(cls, device: torch.device, skipped_steps: int = 0) -> TrainState:
         """Step 0 of a run (the position of a resumed run is then set by :func:`restore_state`)."""
         counter = torch.tensor(skipped_steps, dtype=torch.int64, device=device)
-        return cls(0, 0, 0, 0, skipped_steps=counter, nonfinite_run=torch.zeros_like(counter))
+        zero = torch.zeros_like(counter)
+        return cls(0, 0, 0, 0, skipped_steps=counter, nonfinite_run=zero, longest_nonfinite_run=zero)
 
     def advance(self, stats: StepStats, global_batch: int) -> None:
         """Count the optimizer step just taken."""
@@ -69,6 +71,7 @@ class TrainState:
         self.samples_seen += global_batch
         self.skipped_steps += ~stats.finite
         self.nonfinite_run = torch.where(stats.finite, 0, self.nonfinite_run + 1)
+        self.longest_nonfinite_run = torch.maximum(self.longest_nonfinite_run, self.nonfinite_run)
 
 
 def save_state(run: Run, state: TrainState) -> Path:
@@ -177,6 +180,11 @@ def restore_state(run: Run, checkpoint: TrainingCheckpoint) -> TrainState:
         else:
             run.ema.load_state_dict(saved["ema"], checkpoint.ema_state)
     state = _restore_position(run, saved)
+    if state.global_step > run.total_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint: {checkpoint.path} is at optimizer step {state.global_step}, past this run's "
+            f"{run.total_steps} steps: raise --max_train_steps (or --num_epochs)"
+        )
     state.last_saved_step, state.last_checkpoint = state.global_step, checkpoint.path
     same_layout = int(saved.get("world_size", -1)) == run.ctx.world_size
     if same_layout and run.ctx.rank in checkpoint.rng_states:

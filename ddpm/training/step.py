@@ -10,7 +10,8 @@ accumulation steps (DDP averages over ranks), gradients are all-reduced on the l
 clipped, and one AdamW step, one LR-scheduler step and one EMA update follow.
 
 Non-finite gradients skip the update in every precision (GradScaler for fp16; fused AdamW's ``found_inf``, else a
-check) and :attr:`StepStats.finite` says so. No host synchronisation: the figures stay on the device.
+check) and :attr:`StepStats.finite` says so. No host synchronisation with fp16 or fused AdamW (the default
+wherever it exists): the figures stay on the device; only plain AdamW reads the check on the host.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class StepStats:
 
 
 def optimizer_step(run: Run, batches: Iterator[torch.Tensor], step: int) -> StepStats:
-    """Optimizer step ``step``: this rank's micro-batches forward and backward, clip, AdamW, LR, EMA. No host sync."""
+    """Optimizer step ``step``: this rank's micro-batches forward and backward, clip, AdamW, LR, EMA. No host sync but
+    plain AdamW's check (see the module docstring)."""
     config, sampler, device = run.config, run.sampler, run.device
     accum, channels, size = sampler.grad_accum, run.unet_config.in_channels, config.resolution
     generator = run.noise_generator.manual_seed(derive_seed(run.seed, SeedStream.NOISE, step))

@@ -38,7 +38,7 @@ class BackgroundUploads:
         )
 
     def finish(self) -> None:
-        """Wait for every upload (their failures were logged)."""
+        """Wait for every upload: a Hub error was logged as it happened; any other error is raised here."""
         for future in self._pending:
             future.result()
         self._pending.clear()
