@@ -8,6 +8,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -262,31 +263,28 @@ def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(
     assert read_metrics(tmp_path / "run")[-1]["loss_scale"] == 1024.0
 
 
-def test_nonfinite_steps_in_a_row_between_log_ticks_still_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
-    original = NoiseSchedule.training_loss
-    calls = []
-
-    def poisoned(self, *args, **kwargs):  # steps 2, 3 and 4 are non-finite; 5 and later are fine again
-        calls.append(1)
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if 2 <= len(calls) <= 4 else loss
-
-    monkeypatch.setattr(NoiseSchedule, "training_loss", poisoned)
-    args = [*tiny_train_args, "--max_train_steps", "8", "--max_nonfinite_steps", "3", "--logging_steps", "6"]
-    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(by step 6\)"):
-        run(args)
-
-
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
+def _poison_training_loss(monkeypatch: pytest.MonkeyPatch, nonfinite: Callable[[int], bool]) -> None:
+    """Make the training loss NaN on the calls (from 1: one per optimizer step here) that ``nonfinite`` picks."""
     original = NoiseSchedule.training_loss
     calls = []
 
     def poisoned(self, *args, **kwargs):
         calls.append(1)
         loss = original(self, *args, **kwargs)
-        return loss if len(calls) <= 2 else loss * float("nan")
+        return loss * float("nan") if nonfinite(len(calls)) else loss
 
     monkeypatch.setattr(NoiseSchedule, "training_loss", poisoned)
+
+
+def test_nonfinite_steps_in_a_row_between_log_ticks_still_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
+    _poison_training_loss(monkeypatch, lambda step: 2 <= step <= 4)  # fine again from step 5 on
+    args = [*tiny_train_args, "--max_train_steps", "8", "--max_nonfinite_steps", "3", "--logging_steps", "6"]
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(by step 6\)"):
+        run(args)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_train_args, monkeypatch):
+    _poison_training_loss(monkeypatch, lambda step: step > 2)
     args = [*tiny_train_args, "--max_train_steps", "10", "--max_nonfinite_steps", "3"]
     with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(by step 5\) had non-finite gradients"):
         run(args)
