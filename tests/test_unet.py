@@ -5,11 +5,13 @@ import json
 import diffusers
 import pytest
 import torch
+import torch.nn.functional as F
 from unet_configs import CONFIG_DIR, SCALE_SHIFT_DROPOUT, TINY
 
 from ddpm import UNet, UNetConfig
 from ddpm.io.diffusers_format import unet_config_from_diffusers
 from ddpm.io.pretrained import load_unet_config
+from ddpm.models.unet import Upsample
 
 
 def _load(name: str) -> dict:
@@ -57,6 +59,46 @@ def test_outputs_match_with_diffusers_weights(pair):
         for t in (torch.tensor([0, 999]), torch.tensor(500), 17):
             expected = reference(x, t).sample
             assert (ours(x, t) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["cifar10", "scale_shift_dropout", "tiny_one_head"])
+def test_gradients_match_diffusers(name):
+    """Every parameter's gradient, not only the output: a layer computed another way than diffusers' (the upsampling
+    convolution is a transposed one here) must train the same weights."""
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DModel(**CONFIGS[name]).eval()  # eval: dropout off, so both see the same network
+    ours = UNet(unet_config_from_diffusers(dict(reference.config))).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    cfg = reference.config
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 700])
+    reference(x, t).sample.square().mean().backward()
+    ours(x, t).square().mean().backward()
+    expected = dict(reference.named_parameters())
+    for key, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, expected[key].grad, rtol=1e-4, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_upsample_equals_nearest_interpolation_then_its_convolution(memory_format):
+    """The folded transposed convolution against the definition (diffusers' ``Upsample2D``), forward and backward,
+    on an odd, non-square input."""
+    torch.manual_seed(0)
+    upsample = Upsample(6)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=memory_format).requires_grad_()
+    expected = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    got = upsample(x)
+    assert got.shape == (2, 6, 10, 14)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(expected)
+    inputs = (x, upsample.conv.weight, upsample.conv.bias)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad_out), expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel sums stay in float32; the convolution runs in bf16
+        low = upsample(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
 
 
 def _dropout_in_logical_order(self: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
