@@ -23,7 +23,10 @@ load from other processes hits all rows alike. Figures are medians over the repe
   then the training phase, whose figure is the process peak after both (training holds strictly more).
 - MFU (CUDA): model FLOPs (``torch.utils.flop_counter``; matmuls, convolutions and attention of the plain model,
   so recomputation by gradient checkpointing does not count) per second over the device's dense peak for the
-  dtype (float32 counts against the TF32 peak when cuDNN may use TF32, PyTorch's default for convolutions).
+  dtype (float32 counts against the TF32 peak when cuDNN may use TF32, PyTorch's default for convolutions). The
+  FLOPs are this project's UNet's, the same for every row: its upsampling layers do 16 of the 36 multiply-adds of
+  diffusers' (``ddpm.models.unet.Upsample``), so a diffusers training step does 6-11% more FLOPs (64 px to the
+  quick start's model) than its row's MFU counts.
 
 ``--samplers`` times DDIM (50 steps) against DDPM (1000 steps) per image; ``--e2e`` runs scripts/train.py on a
 generated image folder and compares its logged img/s with the raw step throughput of the same model and levers.

@@ -282,10 +282,10 @@ class Upsample(nn.Module):
     """Nearest 2x upsampling then a 3x3 convolution, computed as one stride-2 transposed convolution.
 
     ``conv(interpolate(x))`` convolves a 2x2 block of equal pixels with every 3x3 kernel, so each output pixel really
-    reads a 2x2 patch of ``x`` through a kernel of summed taps (``_fold_taps``): 16 multiply-adds per pixel pair of
-    channels at the input's resolution instead of 36, the same result within float rounding (the sums are taken in
-    the weights' own precision, outside autocast), and no upsampled copy of ``x`` in memory. The parameter is the 3x3
-    ``conv.weight`` of diffusers' ``Upsample2D``, so checkpoints are unchanged.
+    reads a 2x2 patch of ``x`` through a kernel of summed taps (``_fold_taps``): 16 multiply-adds per input pixel and
+    pair of channels instead of 36, the same result within float rounding (the taps are summed in the weights' own
+    precision, outside autocast), and no upsampled copy of ``x`` in memory. The parameter is the 3x3 ``conv.weight``
+    of diffusers' ``Upsample2D``, so checkpoints are unchanged.
     """
 
     def __init__(self, channels: int):
