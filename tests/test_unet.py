@@ -34,12 +34,22 @@ def test_parameter_counts(name, expected):
     assert UNet(load_unet_config(CONFIG_DIR / f"{name}.json")).num_parameters() == expected
 
 
+def _new_pair(name: str) -> tuple[diffusers.UNet2DModel, UNet]:
+    """diffusers' UNet2DModel for ``CONFIGS[name]`` (seeded weights) and ours built from its config, in eval mode."""
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DModel(**CONFIGS[name]).eval()
+    return reference, UNet(unet_config_from_diffusers(dict(reference.config))).eval()
+
+
+def _input(reference: diffusers.UNet2DModel) -> torch.Tensor:
+    """A seeded batch of two inputs of the model's shape."""
+    cfg = reference.config
+    return torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request):
-    torch.manual_seed(0)
-    reference = diffusers.UNet2DModel(**CONFIGS[request.param]).eval()
-    ours = UNet(unet_config_from_diffusers(dict(reference.config))).eval()
-    return reference, ours
+    return _new_pair(request.param)
 
 
 def test_state_dict_keys_and_shapes_match(pair):
@@ -53,8 +63,7 @@ def test_state_dict_keys_and_shapes_match(pair):
 def test_outputs_match_with_diffusers_weights(pair):
     reference, ours = pair
     ours.load_state_dict(reference.state_dict(), strict=True)
-    cfg = reference.config
-    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))
+    x = _input(reference)
     with torch.no_grad():
         for t in (torch.tensor([0, 999]), torch.tensor(500), 17):
             expected = reference(x, t).sample
@@ -65,13 +74,9 @@ def test_outputs_match_with_diffusers_weights(pair):
 def test_gradients_match_diffusers(name):
     """Every parameter's gradient, not only the output: a layer computed another way than diffusers' (the upsampling
     convolution is a transposed one here) must train the same weights."""
-    torch.manual_seed(0)
-    reference = diffusers.UNet2DModel(**CONFIGS[name]).eval()  # eval: dropout off, so both see the same network
-    ours = UNet(unet_config_from_diffusers(dict(reference.config))).eval()
+    reference, ours = _new_pair(name)  # in eval mode: dropout off, so both see the same network
     ours.load_state_dict(reference.state_dict(), strict=True)
-    cfg = reference.config
-    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([3, 700])
+    x, t = _input(reference), torch.tensor([3, 700])
     reference(x, t).sample.square().mean().backward()
     ours(x, t).square().mean().backward()
     expected = dict(reference.named_parameters())
