@@ -24,6 +24,7 @@ from ddpm.evaluation.benchmark import Runner, Variant, initial_weights, make_inp
 from ddpm.evaluation.benchmark.timing import timed
 from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.distributed import resolve_device
+from ddpm.runtime.precision import resolve_mixed_precision
 from ddpm.training.config import TrainConfig, load_config_file
 from ddpm.training.loop import train
 from ddpm.training.model_config import model_description
@@ -45,7 +46,7 @@ def raw_step(config: TrainConfig) -> Runner:
         initial_weights(model),
         make_inputs(model, config.train_batch_size, device),
         device,
-        DTYPES[config.mixed_precision],
+        DTYPES[resolve_mixed_precision(config.mixed_precision, device)],
         config.max_grad_norm,
     )
     runner.set_phase("train")

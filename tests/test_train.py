@@ -263,6 +263,24 @@ def test_mixed_precision_steps_run_and_the_grad_scaler_state_is_restored(
     assert read_metrics(tmp_path / "run")[-1]["loss_scale"] == 1024.0
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native_bf16", "no_native_bf16"])
+def test_auto_precision_trains_in_bf16_where_the_device_computes_it_natively(
+    tmp_path, make_train_args, monkeypatch, capsys, native
+):
+    """--mixed_precision auto is bf16 on a device with bfloat16 arithmetic of its own and float32 elsewhere: the
+    weights of the explicit choice, bit for bit (bf16's differ from float32's: the mixed-precision test above), and
+    the header line says what it chose."""
+    import ddpm.runtime.precision as precision_module
+
+    monkeypatch.setattr(precision_module, "computes_bf16_natively", lambda device: native)
+    chosen = "bf16" if native else "no"
+    steps = ["--max_train_steps", "2"]
+    auto = run([*make_train_args(tmp_path / "auto"), "--mixed_precision", "auto", *steps])
+    assert f"; precision {chosen} (auto); " in capsys.readouterr().err
+    explicit = run([*make_train_args(tmp_path / "explicit"), "--mixed_precision", chosen, *steps])
+    assert_same_tensors(auto.unet.state_dict(), explicit.unet.state_dict())
+
+
 def _poison_training_loss(monkeypatch: pytest.MonkeyPatch, nonfinite: Callable[[int], bool]) -> None:
     """Make the training loss NaN on the calls (from 1: one per optimizer step here) that ``nonfinite`` picks."""
     original = NoiseSchedule.training_loss
@@ -420,6 +438,39 @@ def test_the_default_memory_format_follows_the_measurements(tiny_train_args, fla
         up_block_types=["UpBlock2D"] * len(widths),
     )
     assert use_channels_last(config, unet_config, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize(
+    ("probes", "expected"),
+    [
+        ({"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, True),  # AMD Zen 4, Cooper Lake
+        ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, True),  # Sapphire Rapids
+        ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, False),  # AVX2 / AVX-512 only
+        ({}, False),  # a torch without the probes
+    ],
+)
+def test_a_cpu_computes_bf16_natively_with_avx512_bf16_or_amx(monkeypatch, probes, expected):
+    from ddpm.runtime.precision import computes_bf16_natively
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    for name, value in probes.items():
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+    assert computes_bf16_natively(torch.device("cpu")) is expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_a_gpu_runs_channels_last_when_it_means_bf16(tiny_train_args, monkeypatch, native):
+    import ddpm.runtime.precision as precision_module
+    from ddpm.models.unet import UNetConfig
+    from ddpm.training.setup import use_channels_last
+
+    monkeypatch.setattr(precision_module, "computes_bf16_natively", lambda device: native)
+    config = load_script("train").parse_args([*tiny_train_args, "--mixed_precision", "auto"])
+    unet_config = UNetConfig(
+        block_out_channels=[32, 64], down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2
+    )
+    assert use_channels_last(config, unet_config, torch.device("cuda")) is native
 
 
 def test_push_to_hub_creates_the_private_repo_first_then_uploads_each_export(tmp_path, tiny_train_args, fake_hub):

@@ -15,8 +15,30 @@ import torch
 
 # --mixed_precision: autocast dtype (None: float32 throughout)
 MIXED_PRECISION: dict[str, torch.dtype | None] = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# what --mixed_precision accepts in training: "auto" is one of MIXED_PRECISION once the device is known
+MIXED_PRECISION_CHOICES = (*MIXED_PRECISION, "auto")
 # --dtype: the dtype of weights (export) or of a benchmarked computation
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def computes_bf16_natively(device: torch.device) -> bool:
+    """Whether ``device`` has bfloat16 arithmetic of its own, so that bf16 autocast pays: an NVIDIA GPU of compute
+    capability 8.0 or later, or a CPU with AVX512-BF16 or AMX (Intel from Cooper Lake, AMD from Zen 4). Elsewhere
+    PyTorch emulates bfloat16 with conversions, which may be slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":  # private probes of the CPU's features (the ones inductor uses), absent in old torch
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def resolve_mixed_precision(name: str, device: torch.device) -> str:
+    """``--mixed_precision`` as a run on ``device`` uses it: ``auto`` is bf16 where the device computes bfloat16
+    natively (:func:`computes_bf16_natively`) and no (float32) elsewhere; the other names stand for themselves."""
+    if name != "auto":
+        return name
+    return "bf16" if computes_bf16_natively(device) else "no"
 
 
 def check_precision_support(mixed_precision: str, device: torch.device) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..diffusion.sampling import SAMPLERS
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
-from ..runtime.precision import MIXED_PRECISION
+from ..runtime.precision import MIXED_PRECISION_CHOICES
 from .lr_schedule import LR_SCHEDULERS, POLYNOMIAL_LR_END, parse_step_rules
 
 # train_unconditional's built-in architecture (reference §2.1); sample_size becomes --resolution.
@@ -116,8 +116,10 @@ class TrainConfig:
     local_rank: int = _flag(-1, "Legacy torch.distributed.launch rank; the LOCAL_RANK environment variable wins.")
     mixed_precision: str = _flag(
         "no",
-        "Autocast precision: fp16 (with a GradScaler) or bf16; weights and optimizer stay float32.",
-        tuple(MIXED_PRECISION),
+        "Autocast precision: fp16 (with a GradScaler) or bf16; weights and optimizer stay float32. auto: bf16 where "
+        "the device computes bfloat16 natively (a GPU of compute capability 8.0 or later, a CPU with AVX512-BF16 or "
+        "AMX), no elsewhere.",
+        MIXED_PRECISION_CHOICES,
     )
     prediction_type: str = _flag("epsilon", "What the model predicts (training target).", PREDICTION_TYPES)
     ddpm_num_steps: int = _flag(1000, "Number of diffusion steps T of the noise schedule.")

@@ -235,7 +235,7 @@ def _announce(run: Run) -> None:
         f"  Optimizer steps per epoch = {run.steps_per_epoch}\n"
         f"  Total optimization steps = {run.total_steps}\n"
         f"  Model parameters = {run.unet.num_parameters():,}; device {run.device}; precision "
-        f"{config.mixed_precision}; seed {run.seed}"
+        f"{run.precision.name}{' (auto)' if config.mixed_precision == 'auto' else ''}; seed {run.seed}"
         + (f"; DDP over {torch.distributed.get_backend()}" if run.ddp is not None else "")
     )
     if run.device.type == "cuda" and config.dataloader_num_workers == 0:
