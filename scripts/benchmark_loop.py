@@ -4,11 +4,13 @@
 
 Each round times the raw optimizer step of the config's model, batch and memory format (scripts/benchmark.py's
 ours+fused row: forward, float32 MSE, backward, clipping, fused AdamW, on fixed inputs; no data, no EMA, no logging),
-then trains the config for --steps steps in OUTPUT_DIR/round-N with everything a run does (ddpm.training.train), then
-times the raw step again. The round's ratio is the run's median logged img/s (the first interval, the warm-up, left
-out) over the mean of the two raw figures. Alternating in one process keeps the machine's drift out of the
-comparison: on a shared CPU the same step's speed moves by up to 25% within minutes, more than the few percent a
-training loop's overhead is worth, so two commands run minutes apart cannot resolve it (see the README, "Performance").
+then trains the config for --steps steps in OUTPUT_DIR/round-N-PRECISION with everything a run does
+(ddpm.training.train), then times the raw step again. The round's ratio is the run's median logged img/s (the first
+interval, the warm-up, left out) over the mean of the two raw figures. Alternating in one process keeps the machine's
+drift out of the comparison: on a shared CPU the same step's speed moves by up to 25% within minutes, more than the
+few percent a training loop's overhead is worth, so two commands run minutes apart cannot resolve it (see the README,
+"Performance"). With several precisions (``--mixed_precision no bf16``) each round does the above for each in turn,
+and the loop's speed-up of each over the first is the median of the per-round ratios of their logged img/s.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ddpm.evaluation.benchmark import Runner, Variant, initial_weights, make_inp
 from ddpm.evaluation.benchmark.timing import timed
 from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.distributed import resolve_device
-from ddpm.runtime.precision import resolve_mixed_precision
+from ddpm.runtime.precision import MIXED_PRECISION_CHOICES, resolve_mixed_precision
 from ddpm.training.config import TrainConfig, load_config_file
 from ddpm.training.loop import train
 from ddpm.training.model_config import model_description
@@ -54,36 +56,60 @@ def raw_step(config: TrainConfig) -> Runner:
     return runner
 
 
-def loop_vs_step(config: TrainConfig, rounds: int, steps: int, raw_steps: int) -> dict[str, Any]:
-    """``rounds`` rounds of raw step / ``steps`` training steps / raw step; every figure and the median ratio."""
-    raw = raw_step(config)
+def loop_vs_step(config: TrainConfig, rounds: int, steps: int, raw_steps: int, precisions: list[str]) -> dict[str, Any]:
+    """``rounds`` rounds, each of raw step / ``steps`` training steps / raw step per precision in ``precisions``
+    (``--mixed_precision`` names); every figure, each precision's median ratio and the loop's speed-ups."""
+    configs = {name: dataclasses.replace(config, mixed_precision=name) for name in precisions}
+    raws = {name: raw_step(c) for name, c in configs.items()}
 
-    def raw_img_s() -> float:
+    def raw_img_s(raw: Runner) -> float:
         return config.train_batch_size / timed(raw.train_step, raw_steps, raw.device)
 
-    results = []
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in precisions}
     for index in range(rounds):
-        before = raw_img_s()
-        run = dataclasses.replace(
-            config, output_dir=str(Path(config.output_dir) / f"round-{index}"), max_train_steps=steps
-        )
-        train(run)
-        metrics = (Path(run.output_dir) / run.logging_dir / "metrics.jsonl").read_text().splitlines()
-        ticks = [record["img_s"] for record in map(json.loads, metrics) if "img_s" in record][1:]
-        if not ticks:
-            raise ValueError(f"--steps {steps}: fewer than two log ticks; raise it or lower the config's logging_steps")
-        after = raw_img_s()
-        loop = statistics.median(ticks)
-        results.append({"raw_before": before, "loop": loop, "raw_after": after, "ratio": 2 * loop / (before + after)})
-        print(f"round {index}: raw {before:.1f}, loop {loop:.1f}, raw {after:.1f} img/s: {results[-1]['ratio']:.1%}")
+        for name, precision_config in configs.items():
+            before = raw_img_s(raws[name])
+            run = dataclasses.replace(
+                precision_config,
+                output_dir=str(Path(config.output_dir) / f"round-{index}-{name}"),
+                max_train_steps=steps,
+            )
+            train(run)
+            metrics = (Path(run.output_dir) / run.logging_dir / "metrics.jsonl").read_text().splitlines()
+            ticks = [record["img_s"] for record in map(json.loads, metrics) if "img_s" in record][1:]
+            if not ticks:
+                raise ValueError(
+                    f"--steps {steps}: fewer than two log ticks; raise it or lower the config's logging_steps"
+                )
+            after = raw_img_s(raws[name])
+            loop = statistics.median(ticks)
+            raw = (before + after) / 2
+            ratio = loop / raw
+            results[name].append({"raw_before": before, "loop": loop, "raw_after": after, "raw": raw, "ratio": ratio})
+            print(f"round {index} {name}: raw {before:.1f}, loop {loop:.1f}, raw {after:.1f} img/s: {ratio:.1%}")
+    first = precisions[0]
     return {
-        "device": str(raw.device),
+        "device": str(raws[first].device),
         "batch_size": config.train_batch_size,
         "steps": steps,
         "raw_steps": raw_steps,
-        "rounds": results,
-        "median_ratio": statistics.median(r["ratio"] for r in results),
+        "precisions": {
+            name: {
+                "resolved": resolve_mixed_precision(name, raws[name].device),
+                "rounds": results[name],
+                "median_ratio": statistics.median(r["ratio"] for r in results[name]),
+            }
+            for name in precisions
+        },
+        # each precision's img/s over the first's, round by round (the same minutes of the machine): the loop's
+        # and the raw step's (the mean of its two figures): whether the loop keeps the raw step's gain
+        "loop_speedup": {name: _median_speedup(results[name], results[first], "loop") for name in precisions[1:]},
+        "raw_speedup": {name: _median_speedup(results[name], results[first], "raw") for name in precisions[1:]},
     }
+
+
+def _median_speedup(rounds: list[dict[str, float]], baseline: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] / b[key] for r, b in zip(rounds, baseline, strict=True))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -93,6 +119,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=4, help="raw / loop / raw rounds")
     parser.add_argument("--steps", type=int, default=160, help="optimizer steps of each round's run")
     parser.add_argument("--raw_steps", type=int, default=30, help="timed raw steps before and after each run")
+    parser.add_argument(
+        "--mixed_precision",
+        nargs="+",
+        choices=MIXED_PRECISION_CHOICES,
+        help="the precisions to alternate (default: the config's); the first is the speed-ups' baseline",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     for flag in ("rounds", "steps", "raw_steps"):
@@ -100,12 +132,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     try:
         config = dataclasses.replace(TrainConfig(**load_config_file(args.config)), output_dir=str(args.output_dir))
-        check_config(config)
+        precisions = list(dict.fromkeys(args.mixed_precision or [config.mixed_precision]))
+        for name in precisions:
+            check_config(dataclasses.replace(config, mixed_precision=name))
     except ValueError as e:
         parser.error(str(e))
     with user_errors(PROG):  # a run that cannot start: an output folder in use, a missing dataset
-        result = loop_vs_step(config, args.rounds, args.steps, args.raw_steps)
-    print(f"median ratio over {args.rounds} rounds: {result['median_ratio']:.1%}")
+        result = loop_vs_step(config, args.rounds, args.steps, args.raw_steps, precisions)
+    for name, figures in result["precisions"].items():
+        print(f"{name}: the loop at {figures['median_ratio']:.1%} of the raw step (median over {args.rounds} rounds)")
+    for name, speedup in result["loop_speedup"].items():
+        print(
+            f"{name}: the loop at {speedup:.2f}x {precisions[0]}'s img/s, the raw step at "
+            f"{result['raw_speedup'][name]:.2f}x (medians over {args.rounds} rounds)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -225,10 +225,7 @@ def test_the_data_benchmark_times_the_loader_and_trains_the_same_weights(tmp_pat
     assert 0 <= document["train"]["prepared"]["data_wait"] <= 1
 
 
-def test_loop_vs_step_trains_each_round_and_compares_it_with_the_raw_step(tmp_path, tiny_unet_json, capsys):
-    """scripts/benchmark_loop.py: every round really trains (its own folder, its logged ticks) between two raw
-    timings, and the ratios are the logged median over the mean of the raw figures."""
-    loop = load_script("benchmark_loop")
+def _tiny_loop_config(tmp_path, tiny_unet_json) -> Path:
     config = tmp_path / "tiny.json"
     config.write_text(
         json.dumps(
@@ -249,21 +246,63 @@ def test_loop_vs_step_trains_each_round_and_compares_it_with_the_raw_step(tmp_pa
             )
         )
     )
+    return config
+
+
+def _logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_vs_step_trains_each_round_and_compares_it_with_the_raw_step(tmp_path, tiny_unet_json, capsys):
+    """scripts/benchmark_loop.py: every round really trains (its own folder, its logged ticks) between two raw
+    timings, and the ratios are the logged median over the mean of the raw figures."""
+    loop = load_script("benchmark_loop")
+    config = _tiny_loop_config(tmp_path, tiny_unet_json)
     result = loop.main(
         ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--rounds", "2", "--steps", "6",
          "--raw_steps", "1", "--json", str(tmp_path / "loop.json")]
     )  # fmt: skip
     assert json.loads((tmp_path / "loop.json").read_text()) == result
-    assert len(result["rounds"]) == 2
-    for index, r in enumerate(result["rounds"]):
-        metrics = tmp_path / "out" / f"round-{index}" / "logs" / "metrics.jsonl"
-        ticks = [json.loads(line)["img_s"] for line in metrics.read_text().splitlines()]
-        assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4, 6]
-        assert r["loop"] == statistics.median(ticks[1:])  # the first interval (the warm-up) left out
+    assert list(result["precisions"]) == ["no"] and result["loop_speedup"] == result["raw_speedup"] == {}
+    figures = result["precisions"]["no"]
+    assert len(figures["rounds"]) == 2
+    for index, r in enumerate(figures["rounds"]):
+        records = _logged(tmp_path / "out" / f"round-{index}-no")
+        assert [record["step"] for record in records] == [2, 4, 6]
+        assert r["loop"] == statistics.median(record["img_s"] for record in records[1:])  # the warm-up left out
         assert all(_finite_positive(r[k]) for k in ("raw_before", "loop", "raw_after"))
-        assert r["ratio"] == pytest.approx(2 * r["loop"] / (r["raw_before"] + r["raw_after"]))
-    assert result["median_ratio"] == pytest.approx(sum(r["ratio"] for r in result["rounds"]) / 2)
-    assert "median ratio over 2 rounds" in capsys.readouterr().out
+        assert r["raw"] == pytest.approx((r["raw_before"] + r["raw_after"]) / 2)
+        assert r["ratio"] == pytest.approx(r["loop"] / r["raw"])
+    assert figures["median_ratio"] == pytest.approx(sum(r["ratio"] for r in figures["rounds"]) / 2)
+    assert "no: the loop at" in capsys.readouterr().out
+
+
+def test_loop_vs_step_alternates_precisions_and_reports_the_loops_speedup(tmp_path, tiny_unet_json, capsys):
+    """--mixed_precision no bf16: each round trains under each precision in turn (bf16 really autocast), and the
+    speed-up is the median of the rounds' logged loop img/s ratios, against the first precision named."""
+    loop = load_script("benchmark_loop")
+    config = _tiny_loop_config(tmp_path, tiny_unet_json)
+    result = loop.main(
+        ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--rounds", "3", "--steps", "6",
+         "--raw_steps", "1", "--mixed_precision", "no", "bf16"]
+    )  # fmt: skip
+    assert list(result["precisions"]) == ["no", "bf16"]
+    assert result["precisions"]["bf16"]["resolved"] == "bf16"
+    loops = {name: [r["loop"] for r in result["precisions"][name]["rounds"]] for name in ("no", "bf16")}
+    for index in range(3):
+        for name in ("no", "bf16"):
+            run_dir = tmp_path / "out" / f"round-{index}-{name}"
+            assert loops[name][index] == statistics.median(record["img_s"] for record in _logged(run_dir)[1:])
+    expected = statistics.median(b / a for a, b in zip(loops["no"], loops["bf16"], strict=True))
+    assert result["loop_speedup"] == {"bf16": pytest.approx(expected)}
+    raws = {name: [r["raw"] for r in result["precisions"][name]["rounds"]] for name in ("no", "bf16")}
+    expected = statistics.median(b / a for a, b in zip(raws["no"], raws["bf16"], strict=True))
+    assert result["raw_speedup"] == {"bf16": pytest.approx(expected)}
+    out, err = capsys.readouterr()
+    assert "bf16: the loop at" in out
+    headers = [line for line in err.splitlines() if "Model parameters" in line]  # each run's header line
+    assert ["precision no;" in h for h in headers] == [True, False] * 3
+    assert ["precision bf16;" in h for h in headers] == [False, True] * 3
 
 
 def test_loop_vs_step_names_a_bad_config_in_one_line(tmp_path, capsys):
