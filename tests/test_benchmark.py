@@ -283,13 +283,13 @@ def test_loop_vs_step_alternates_precisions_and_reports_the_loops_speedup(tmp_pa
     loop = load_script("benchmark_loop")
     config = _tiny_loop_config(tmp_path, tiny_unet_json)
     result = loop.main(
-        ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--rounds", "3", "--steps", "6",
+        ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--rounds", "2", "--steps", "6",
          "--raw_steps", "1", "--mixed_precision", "no", "bf16"]
     )  # fmt: skip
     assert list(result["precisions"]) == ["no", "bf16"]
     assert result["precisions"]["bf16"]["resolved"] == "bf16"
     loops = {name: [r["loop"] for r in result["precisions"][name]["rounds"]] for name in ("no", "bf16")}
-    for index in range(3):
+    for index in range(2):
         for name in ("no", "bf16"):
             run_dir = tmp_path / "out" / f"round-{index}-{name}"
             assert loops[name][index] == statistics.median(record["img_s"] for record in _logged(run_dir)[1:])
@@ -301,8 +301,8 @@ def test_loop_vs_step_alternates_precisions_and_reports_the_loops_speedup(tmp_pa
     out, err = capsys.readouterr()
     assert "bf16: the loop at" in out
     headers = [line for line in err.splitlines() if "Model parameters" in line]  # each run's header line
-    assert ["precision no;" in h for h in headers] == [True, False] * 3
-    assert ["precision bf16;" in h for h in headers] == [False, True] * 3
+    assert ["precision no;" in h for h in headers] == [True, False] * 2
+    assert ["precision bf16;" in h for h in headers] == [False, True] * 2
 
 
 def test_loop_vs_step_names_a_bad_config_in_one_line(tmp_path, capsys):
