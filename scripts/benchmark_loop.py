@@ -95,7 +95,7 @@ def loop_vs_step(config: TrainConfig, rounds: int, steps: int, raw_steps: int, p
         "raw_steps": raw_steps,
         "precisions": {
             name: {
-                "resolved": resolve_mixed_precision(name, raws[name].device),
+                "resolved": raws[name].precision.name,  # the precision the raw step ran in
                 "rounds": results[name],
                 "median_ratio": statistics.median(r["ratio"] for r in results[name]),
             }
