@@ -26,7 +26,7 @@ from ddpm.evaluation.generate import NPZ_NAME
 from ddpm.evaluation.sampling_run import SamplingOptions, prepare_sampling, sample_to_folder
 from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.runtime.distributed import init_distributed, shutdown
-from ddpm.runtime.precision import MIXED_PRECISION
+from ddpm.runtime.precision import MIXED_PRECISION_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> SamplingOptions:
@@ -48,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> SamplingOptions:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_npz", action="store_true", help=f"also write OUTPUT_DIR/{NPZ_NAME}")
-    parser.add_argument("--mixed_precision", choices=sorted(MIXED_PRECISION), default="no", help="network only")
+    parser.add_argument(
+        "--mixed_precision",
+        choices=MIXED_PRECISION_CHOICES,
+        default="no",
+        help="the network's autocast dtype (auto: bf16 where the device computes bfloat16 natively, else no)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA: as a CUDA graph)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no_ema", action="store_true", help="the live weights of a checkpoint, not its EMA")

@@ -12,6 +12,7 @@ bit-exact where the batch shapes are the same, within a rounding level otherwise
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from unet_configs import TINY
 from ddpm import ScheduleConfig, UNet, UNetConfig
 from ddpm.diffusion.samplers import ddpm_sample
 from ddpm.diffusion.schedule import NoiseSchedule
-from ddpm.evaluation.generate import image_generators, sample_images
+from ddpm.evaluation.generate import SETTINGS_NAME, image_generators, sample_images
 from ddpm.io.checkpoint import load_checkpoint_model
 from ddpm.io.images import to_uint8
 
@@ -207,6 +208,23 @@ def test_mixed_precision_runs_the_network_in_bf16(checkpoint, tmp_path):
     # measured mean 0.17, max 2 grey levels; other noise (another seed) gives a mean of ~100.
     assert difference.mean() > 0
     assert difference.mean() < 1 and difference.max() <= 8
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native_bf16", "no_native_bf16"])
+def test_auto_precision_samples_as_its_choice(checkpoint, tmp_path, monkeypatch, native):
+    """--mixed_precision auto makes the images of bf16 on a device with bfloat16 arithmetic of its own and of float32
+    elsewhere, bit for bit (the two differ: the test above), and records its choice, so that rerunning with the
+    explicit choice continues the same folder."""
+    import ddpm.runtime.precision as precision_module
+
+    monkeypatch.setattr(precision_module, "computes_bf16_natively", lambda device: native)
+    chosen = "bf16" if native else "no"
+    run(checkpoint, tmp_path / "auto", 2, "--no_ema", "--mixed_precision", "auto")
+    run(checkpoint, tmp_path / "explicit", 2, "--no_ema", "--mixed_precision", chosen)
+    np.testing.assert_array_equal(read_images(tmp_path / "auto", 2), read_images(tmp_path / "explicit", 2))
+    assert json.loads((tmp_path / "auto" / SETTINGS_NAME).read_text())["mixed_precision"] == chosen
+    run(checkpoint, tmp_path / "auto", 3, "--no_ema", "--mixed_precision", chosen)  # accepted: the same settings
+    read_images(tmp_path / "auto", 3)
 
 
 @pytest.mark.parametrize(

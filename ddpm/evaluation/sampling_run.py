@@ -19,7 +19,7 @@ from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..io.pretrained import load_model
 from ..models.unet import UNet, UNetConfig
 from ..runtime.distributed import DistributedContext, barrier
-from ..runtime.precision import MIXED_PRECISION
+from ..runtime.precision import MIXED_PRECISION, check_precision_support, resolve_mixed_precision
 from .generate import (
     GRID_NAME,
     IMAGES_FOLDER,
@@ -50,7 +50,7 @@ class SamplingOptions:
     timestep_spacing: str | None = None  # None: the model's scheduler config
     seed: int = 0
     save_npz: bool = False
-    mixed_precision: str = "no"  # the network only
+    mixed_precision: str = "no"  # the network only; "auto": bf16 where the device computes it natively
     compile: bool = False
     device: str = "auto"  # for ``init_distributed``
     no_ema: bool = False  # the live weights of a checkpoint, not its EMA
@@ -83,6 +83,7 @@ def _settings(
     schedule_config: ScheduleConfig,
     state_dict: dict[str, torch.Tensor],
     num_steps: int,
+    mixed_precision: str,
 ) -> dict[str, Any]:
     """Everything that changes the images (and only that, besides ``model``): a resumed run must match it."""
     return {
@@ -94,7 +95,7 @@ def _settings(
         "num_inference_steps": num_steps,
         "eta": options.eta,
         "seed": options.seed,
-        "mixed_precision": options.mixed_precision,
+        "mixed_precision": mixed_precision,  # as resolved: "auto" makes the images of what it chose
     }
 
 
@@ -110,16 +111,18 @@ def prepare_sampling(options: SamplingOptions, device: torch.device) -> Prepared
     if options.timestep_spacing is not None:
         schedule_config = dataclasses.replace(schedule_config, timestep_spacing=options.timestep_spacing)
     num_steps = _num_steps(options, schedule_config)
+    mixed_precision = resolve_mixed_precision(options.mixed_precision, device)
+    check_precision_support(mixed_precision, device)
     unet = UNet(unet_config)
     unet.load_state_dict(state_dict)
     unet.requires_grad_(False).eval().to(device)
     model: nn.Module = unet
     if options.compile:  # on CUDA also captured as a CUDA graph: one launch per step instead of ~1,000 kernels
         model = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else None)
-    dtype = MIXED_PRECISION[options.mixed_precision]
+    dtype = MIXED_PRECISION[mixed_precision]
     if dtype is not None:
         model = Autocast(model, dtype, config=unet_config)
-    settings = _settings(options, unet_config, schedule_config, state_dict, num_steps)
+    settings = _settings(options, unet_config, schedule_config, state_dict, num_steps, mixed_precision)
     check_settings(Path(options.output_dir) / SETTINGS_NAME, settings)
     return PreparedSampling(model, NoiseSchedule(schedule_config), settings)
 

@@ -15,7 +15,7 @@ import torch
 
 # --mixed_precision: autocast dtype (None: float32 throughout)
 MIXED_PRECISION: dict[str, torch.dtype | None] = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-# what --mixed_precision accepts in training: "auto" is one of MIXED_PRECISION once the device is known
+# what --mixed_precision accepts (train.py, sample.py): "auto" is one of MIXED_PRECISION once the device is known
 MIXED_PRECISION_CHOICES = (*MIXED_PRECISION, "auto")
 # --dtype: the dtype of weights (export) or of a benchmarked computation
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
