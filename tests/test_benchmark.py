@@ -201,7 +201,6 @@ def test_e2e_runs_train_script(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_run_on_cuda_reports_mfu_and_memory():
     document = script.main(["--quick", "--device", "cuda", "--variants", "ours,ours+fused", "--json_only"])

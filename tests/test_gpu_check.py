@@ -2,6 +2,7 @@
 that overruns (every process it started, torchrun's workers in their own sessions included), the time budget, and
 how the DDP check reads a run's output."""
 
+import itertools
 import sys
 import textwrap
 import time
@@ -81,3 +82,37 @@ def test_download_wheels_names_a_package_not_installed_here(monkeypatch, tmp_pat
     assert gpu_check.main(["--download_wheels", str(tmp_path / "whl")]) == 2
     assert "no-such-package-here is not installed here" in capsys.readouterr().out
     assert not (tmp_path / "whl").exists()  # nothing fetched
+
+
+def test_the_commands_of_the_checks_are_valid_for_their_scripts(monkeypatch, tmp_path):
+    """Every train.py, torchrun and benchmark.py command the checks build parses with its script's own parser (here,
+    without a GPU), so a renamed or removed flag fails CI rather than the few minutes a lent GPU gives."""
+    import ddpm.io.checkpoint
+
+    commands = []
+    monkeypatch.setattr(
+        gpu_check, "run", lambda command, timeout, budget, env=None: (commands.append(command), (True, ""))[1]
+    )
+    monkeypatch.setattr(ddpm.io.checkpoint, "checkpoint_differences", lambda a, b: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # train.py refuses --device cuda without one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for check in (gpu_check.check_precision, gpu_check.check_ddp, gpu_check.check_benchmark):
+        check(tmp_path, gpu_check.Budget(60))
+    scripts = {name: load_script(name) for name in ("train", "benchmark")}
+    parsed = []
+    for command in commands:
+        if command[1:3] == ["-m", "torch.distributed.run"]:
+            launcher = list(itertools.takewhile(lambda arg: arg.startswith("--"), command[3:]))  # before the script
+            assert launcher[:2] == ["--standalone", "--nproc_per_node=1"]
+            command = [command[0], *command[3 + len(launcher) :]]  # the worker's command, as torchrun runs it
+        script, args = Path(command[1]), command[2:]
+        assert script.parent == gpu_check.ROOT / "scripts" and script.is_file()
+        options = scripts[script.stem].parse_args(args)  # argparse exits (status 2) on an unknown flag or bad value
+        parsed.append((script.stem, options))
+    names = [name for name, _ in parsed]
+    assert names == ["train"] * 6 + ["train", "benchmark"]  # 3 precisions x (straight, resumed), ddp, benchmark
+    precisions = [options.mixed_precision for _, options in parsed[:6]]
+    assert precisions == ["no", "no", "fp16", "fp16", "bf16", "bf16"]
+    ddp = parsed[6][1]
+    assert ddp.compile and ddp.channels_last and ddp.gradient_checkpointing and ddp.gradient_accumulation_steps == 2
+    assert all(options.device == "cuda" for _, options in parsed[:7])
