@@ -3,6 +3,7 @@ that overruns (every process it started, torchrun's workers in their own session
 how the DDP check reads a run's output."""
 
 import itertools
+import json
 import sys
 import textwrap
 import time
@@ -116,3 +117,29 @@ def test_the_commands_of_the_checks_are_valid_for_their_scripts(monkeypatch, tmp
     ddp = parsed[6][1]
     assert ddp.compile and ddp.channels_last and ddp.gradient_checkpointing and ddp.gradient_accumulation_steps == 2
     assert all(options.device == "cuda" for _, options in parsed[:7])
+
+
+def test_the_loader_check_calls_the_loader_benchmark_as_it_is_defined(monkeypatch, tmp_path):
+    """The loader check's command body, run here with the two benchmark functions replaced by stand-ins that bind
+    its arguments to the real signatures (the real ones take minutes at its sizes) and write the report it reads."""
+    import inspect
+
+    from ddpm.evaluation.benchmark import loader
+
+    calls = {}
+
+    def stand_in(real, result):
+        def call(*args, **kwargs):
+            calls[real.__name__] = inspect.signature(real).bind(*args, **kwargs).arguments  # TypeError if not
+            return result
+
+        return call
+
+    rates = {"rows": [{"workers": 4, "folder_img_s": 1.0, "prepared_img_s": 30.0}]}
+    monkeypatch.setattr(loader, "make_photo_folder", stand_in(loader.make_photo_folder, tmp_path / "photos"))
+    monkeypatch.setattr(loader, "loader_rates", stand_in(loader.loader_rates, rates))
+    monkeypatch.setattr(sys, "argv", ["-c", str(tmp_path)])
+    exec(compile(gpu_check.LOADER, "<loader check>", "exec"), {})
+    assert calls["make_photo_folder"]["count"] == 1024
+    assert calls["loader_rates"]["resolution"] == 64 and calls["loader_rates"]["workers"] == (4, 8, 14)
+    assert json.loads((tmp_path / "loader.json").read_text()) == rates
