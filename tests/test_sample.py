@@ -227,6 +227,13 @@ def test_auto_precision_samples_as_its_choice(checkpoint, tmp_path, monkeypatch,
     read_images(tmp_path / "auto", 3)
 
 
+def test_a_precision_the_device_cannot_autocast_to_is_refused_in_one_line(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # as a build / device without fp16
+    with pytest.raises(SystemExit, match=r"^sample.py: error: --mixed_precision=fp16: this PyTorch cannot autocast"):
+        run(checkpoint, tmp_path / "out", 2, "--mixed_precision", "fp16")
+    assert not (tmp_path / "out" / "images").exists()  # refused before any image
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
