@@ -111,7 +111,7 @@ def test_the_commands_of_the_checks_are_valid_for_their_scripts(monkeypatch, tmp
         options = scripts[script.stem].parse_args(args)  # argparse exits (status 2) on an unknown flag or bad value
         parsed.append((script.stem, options))
     names = [name for name, _ in parsed]
-    assert names == ["train"] * 6 + ["train", "benchmark"]  # 3 precisions x (straight, resumed), ddp, benchmark
+    assert names == ["train"] * 6 + ["train"] + ["benchmark"] * 2  # 3 precisions x (straight, resumed), ddp, 2 configs
     precisions = [options.mixed_precision for _, options in parsed[:6]]
     assert precisions == ["no", "no", "fp16", "fp16", "bf16", "bf16"]
     ddp = parsed[6][1]
@@ -143,3 +143,34 @@ def test_the_loader_check_calls_the_loader_benchmark_as_it_is_defined(monkeypatc
     assert calls["make_photo_folder"]["count"] == 1024
     assert calls["loader_rates"]["resolution"] == 64 and calls["loader_rates"]["workers"] == (4, 8, 14)
     assert json.loads((tmp_path / "loader.json").read_text()) == rates
+
+
+def test_the_benchmark_check_keeps_one_configs_figures_when_the_other_fails(monkeypatch, tmp_path):
+    """Each config is its own command: the first writes its report, the second overruns; the first's figures are in
+    the summary, the check fails and keeps the second's output."""
+    figures = {"img_s": 7000.0, "mfu": 0.26, "peak_mem_mb": 9000.0}
+    row = {
+        "variant": "ours+fused",
+        "train": figures,
+        "sample": figures,
+        "speedup_vs_diffusers": {"train": 1.3, "sample": 1.1},
+    }
+
+    def fake_run(command, timeout, budget, env=None):
+        config = command[command.index("--config") + 1]
+        if config == gpu_check.BENCHMARK_CONFIGS[1]:
+            return False, "compiling...\ntimed out after 200 s"
+        document = {"results": [{"config": config, "rows": [row]}]}
+        Path(command[command.index("--json") + 1]).write_text(json.dumps(document))
+        return True, ""
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    result = gpu_check.check_benchmark(tmp_path, gpu_check.Budget(60))
+    first, second = gpu_check.BENCHMARK_CONFIGS
+    assert result["passed"] is False
+    assert result["summary"] == {
+        f"{first} ours+fused": {
+            phase: {**figures, "x_diffusers": ratio} for phase, ratio in row["speedup_vs_diffusers"].items()
+        }
+    }
+    assert list(result["failed_output"]) == [second] and "timed out" in result["failed_output"][second]
