@@ -19,7 +19,7 @@ from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..io.pretrained import load_model
 from ..models.unet import UNet, UNetConfig
 from ..runtime.distributed import DistributedContext, barrier
-from ..runtime.precision import MIXED_PRECISION, check_precision_support, resolve_mixed_precision
+from ..runtime.precision import Precision
 from .generate import (
     GRID_NAME,
     IMAGES_FOLDER,
@@ -111,18 +111,17 @@ def prepare_sampling(options: SamplingOptions, device: torch.device) -> Prepared
     if options.timestep_spacing is not None:
         schedule_config = dataclasses.replace(schedule_config, timestep_spacing=options.timestep_spacing)
     num_steps = _num_steps(options, schedule_config)
-    mixed_precision = resolve_mixed_precision(options.mixed_precision, device)
-    check_precision_support(mixed_precision, device)
+    precision = Precision.resolved(options.mixed_precision, device)
+    precision.check_supported()
     unet = UNet(unet_config)
     unet.load_state_dict(state_dict)
     unet.requires_grad_(False).eval().to(device)
     model: nn.Module = unet
     if options.compile:  # on CUDA also captured as a CUDA graph: one launch per step instead of ~1,000 kernels
         model = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else None)
-    dtype = MIXED_PRECISION[mixed_precision]
-    if dtype is not None:
-        model = Autocast(model, dtype, config=unet_config)
-    settings = _settings(options, unet_config, schedule_config, state_dict, num_steps, mixed_precision)
+    if precision.dtype is not None:
+        model = Autocast(model, precision.dtype, config=unet_config)
+    settings = _settings(options, unet_config, schedule_config, state_dict, num_steps, precision.name)
     check_settings(Path(options.output_dir) / SETTINGS_NAME, settings)
     return PreparedSampling(model, NoiseSchedule(schedule_config), settings)
 

@@ -73,6 +73,12 @@ class Precision:
         if self.name not in MIXED_PRECISION:
             raise ValueError(f"--mixed_precision={self.name!r}: choose one of {', '.join(MIXED_PRECISION)}")
 
+    @classmethod
+    def resolved(cls, name: str, device: torch.device) -> Precision:
+        """The precision ``--mixed_precision name`` gives on ``device`` (``auto`` resolved by
+        :func:`resolve_mixed_precision`)."""
+        return cls(resolve_mixed_precision(name, device), device)
+
     @property
     def dtype(self) -> torch.dtype | None:
         return MIXED_PRECISION[self.name]

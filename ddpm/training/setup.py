@@ -81,7 +81,7 @@ def check_config(config: TrainConfig, device: torch.device | None = None) -> Non
         device = resolve_device(config.device, max(config.local_rank, 0))
         if device.type != "cpu":
             return
-    Precision(resolve_mixed_precision(config.mixed_precision, device), device).check_supported()
+    Precision.resolved(config.mixed_precision, device).check_supported()
 
 
 # What to install for each --logger (upstream stops with an ImportError too, rather than train without a tracker).
@@ -135,7 +135,7 @@ def build_run(
     channels_last = use_channels_last(config, unet_config, ctx.device)
     unet = _build_unet(config, ctx, unet_config, init_weights, seed, channels_last)
     optimizer, fused, lr_scheduler = _build_optimizer(config, unet, total_steps)
-    precision = Precision(resolve_mixed_precision(config.mixed_precision, ctx.device), ctx.device)
+    precision = Precision.resolved(config.mixed_precision, ctx.device)
     ema = None
     if config.use_ema and ctx.is_main:  # rank 0 keeps the average: it saves it and broadcasts it for the grids
         ema = EMA(unet, inv_gamma=config.ema_inv_gamma, power=config.ema_power, max_decay=config.ema_max_decay)
