@@ -1,6 +1,7 @@
 """scripts/gpu_check.py's machinery on a CPU (its checks need CUDA): the exit without a GPU, the end of a command
-that overruns (every process it started, torchrun's workers in their own sessions included), the time budget, and
-how the DDP check reads a run's output."""
+that overruns (every process it started, torchrun's workers in their own sessions included), the time budget, how
+the DDP check reads a run's output, the benchmark check's reports, and that every command the checks run is valid for
+the script it runs."""
 
 import itertools
 import json
@@ -91,9 +92,12 @@ def test_the_commands_of_the_checks_are_valid_for_their_scripts(monkeypatch, tmp
     import ddpm.io.checkpoint
 
     commands = []
-    monkeypatch.setattr(
-        gpu_check, "run", lambda command, timeout, budget, env=None: (commands.append(command), (True, ""))[1]
-    )
+
+    def record(command, timeout, budget, env=None):
+        commands.append(command)
+        return True, ""
+
+    monkeypatch.setattr(gpu_check, "run", record)
     monkeypatch.setattr(ddpm.io.checkpoint, "checkpoint_differences", lambda a, b: [])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # train.py refuses --device cuda without one
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
