@@ -1,6 +1,8 @@
 """Checkpoints written in the background (ddpm.io.background): a snapshot the training cannot change, one write in
 flight at a time, failures raised where the training can stop, the run ending only once the last one is on disk."""
 
+import errno
+import os
 import threading
 import time
 
@@ -9,6 +11,7 @@ import torch
 from helpers import load_script
 
 from ddpm.io.background import BackgroundWriter, host_copy
+from ddpm.training.errors import ExportError
 
 
 def test_host_copy_is_a_snapshot():
@@ -112,18 +115,21 @@ def test_training_continues_while_the_pipeline_is_exported(tmp_path, tiny_train_
     assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_a_failed_export_stops_the_run_at_the_next_export(tiny_train_args, monkeypatch):
+def test_a_failed_export_stops_the_run_at_the_next_export_with_a_clear_error(tmp_path, tiny_train_args, monkeypatch):
     import ddpm.training.artifacts as artifacts_module
     import ddpm.training.loop as loop_module
 
     def broken_export(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "unet/diffusion_pytorch_model.safetensors")
 
     monkeypatch.setattr(artifacts_module, "export_pipeline", broken_export)
     args = [*tiny_train_args, "--max_train_steps", "12", "--save_model_epochs", "1"]
     steps = []
     real_step = loop_module.optimizer_step
     monkeypatch.setattr(loop_module, "optimizer_step", lambda run, b, i: steps.append(i) or real_step(run, b, i))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError) as failure:
         loop_module.train(load_script("train").parse_args(args))
     assert len(steps) == 8  # the first export failed in the background; the second one raised it, after epoch 1
+    message = str(failure.value)  # what train.py prints as its one line: what failed, what is left, what to do
+    assert message.startswith(f"could not save the pipeline to {tmp_path / 'run'} (the disk is full): [Errno 28]")
+    assert "the previous export, if any, is intact; free some space" in message

@@ -72,6 +72,7 @@ from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.io.checkpoint import list_checkpoints, load_training_checkpoint
 from ddpm.io.files import read_safetensors, read_torch_state
 from ddpm.io.lock import LOCK_NAME
+from ddpm.models.unet import UNet, UNetConfig
 from ddpm.training.config import TrainConfig
 from ddpm.training.errors import CheckpointSaveError
 from ddpm.training.loop import train
@@ -475,6 +476,42 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, tin
     monkeypatch.setattr(checkpoint_module, "write_safetensors", disk_full_at_step_4)
     with pytest.raises(CheckpointSaveError):  # what the Python API raises
         run([*tiny_train_args, "--overwrite_output_dir"])
+
+
+@pytest.mark.parametrize(
+    ("refused", "limit_in_models", "export_refused"),
+    [("model.safetensors", 0.5, True), ("training_state.pt", 1.5, False)],
+)
+def test_a_write_the_os_refuses_is_the_clear_error_whichever_file_it_hits(
+    tmp_path, tiny_train_args, refused, limit_in_models, export_refused
+):
+    """Faults: a write the operating system refuses, for real (a file-size limit, which fails a write as a full disk
+    does), gives train.py's one-line "could not save" error whichever writer of the checkpoint it hits (safetensors
+    and torch.save report such a failure in their own exception types), and no checkpoint folder is left."""
+    model_bytes = 4 * UNet(UNetConfig.from_dict(TINY_UNET)).num_parameters()
+    limit = int(limit_in_models * model_bytes)  # training_state.pt holds two AdamW moments: about 2x the model
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = [*tiny_train_args, "--max_train_steps", "2", *QUIET]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        capture_output=True, text=True, env=subprocess_env(), preexec_fn=limit_file_size, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert line.startswith("train.py: error: could not save ") and "[Errno 27] File too large" in line, line
+    assert refused in line and "no earlier checkpoint exists; fix the cause, then resume" in line
+    # when the final export (the size of the model) fails as well, the checkpoint's error is the one raised (it
+    # says how to resume) and the export's is logged
+    assert ("the last export write failed too: could not save the pipeline to" in result.stderr) == export_refused
+    out = tmp_path / "run"
+    assert list_checkpoints(out) == [] and not list(out.glob(".tmp-*"))
 
 
 def test_fp16_overflow_steps_skipped_by_the_grad_scaler_are_counted(tmp_path, tiny_train_args, monkeypatch):

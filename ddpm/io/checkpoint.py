@@ -28,7 +28,15 @@ import torch
 
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNetConfig
-from .files import atomic_write_dir, read_json, read_safetensors, read_torch_state, write_json, write_safetensors
+from .files import (
+    atomic_write_dir,
+    read_json,
+    read_safetensors,
+    read_torch_state,
+    write_json,
+    write_safetensors,
+    write_torch_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +225,9 @@ def save_training_checkpoint(
         write_safetensors(model_state, tmp / MODEL_NAME)
         if ema_state is not None:
             write_safetensors(ema_state, tmp / EMA_NAME)
-        torch.save(training_state, tmp / STATE_NAME)
+        write_torch_state(training_state, tmp / STATE_NAME)
         for rank, rng in enumerate(rng_states):
-            torch.save(rng, tmp / RNG_PATTERN.format(rank=rank))
+            write_torch_state(rng, tmp / RNG_PATTERN.format(rank=rank))
         # config.json last: its presence marks a complete checkpoint (is_checkpoint)
         write_json(
             {

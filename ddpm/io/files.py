@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 @contextmanager
@@ -98,8 +101,19 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Save contiguous CPU tensors with the ``{"format": "pt"}`` metadata diffusers and transformers expect."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    """Save contiguous CPU tensors with the ``{"format": "pt"}`` metadata diffusers and transformers expect.
+
+    A failed write (disk full, quota, file too large) raises the ``OSError`` it is, as Python's own writes do.
+    """
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        # The Rust writer reports an I/O failure only in its message: "... I/O error: ... (os error 28)".
+        found = _OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -111,6 +125,22 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"corrupt or truncated weights file {path}: {e}") from e
+
+
+def write_torch_state(obj: Any, path: str | Path) -> None:
+    """``torch.save`` of plain tensors and containers; a failed write raises the ``OSError`` it is.
+
+    torch reports a failed write as a ``RuntimeError`` about stream positions; written through a Python file, the
+    ``OSError`` of that write is the error's context, and is what the caller gets, naming ``path``.
+    """
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            failed = e.__context__
+            if isinstance(failed, OSError):
+                raise OSError(failed.errno, failed.strerror, str(path)) from e
+            raise
 
 
 def read_torch_state(path: str | Path) -> Any:

@@ -23,6 +23,7 @@ from ..io.hub import ensure_repo, hub_id_or_none
 from ..io.images import save_grid
 from ..runtime.distributed import gather_objects, run_on_main
 from .config import TrainConfig
+from .errors import ExportError, write_failure_message
 from .output_dir import SAMPLES_DIR
 from .run import Run
 from .state import TrainState
@@ -99,9 +100,13 @@ def export(run: Run, state: TrainState, epoch: int) -> None:
     grid, message = state.last_grid, f"Step {state.global_step} (epoch {epoch})"
 
     def write() -> None:  # on the export writer's thread
-        folder = export_pipeline(
-            run.unet_config, run.schedule_config, weights, run.output_dir, model_card=card, sample_grid=grid
-        )
+        try:
+            folder = export_pipeline(
+                run.unet_config, run.schedule_config, weights, run.output_dir, model_card=card, sample_grid=grid
+            )
+        except OSError as e:  # disk full, quota, I/O error: the export is staged, so the previous one is whole
+            kept = "the previous export, if any, is intact"
+            raise ExportError(write_failure_message(f"the pipeline to {run.output_dir}", e, kept)) from e
         run.log.write(f"Exported the pipeline to {folder}")
         if run.uploads is not None:
             run.uploads.push(

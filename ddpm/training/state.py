@@ -13,7 +13,6 @@ Each rank's RNG state is restored only under the same number of processes.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 import warnings
@@ -32,7 +31,7 @@ from ..io.checkpoint import (
     save_training_checkpoint,
 )
 from ..runtime.distributed import gather_objects, run_on_main
-from .errors import CheckpointSaveError
+from .errors import CheckpointSaveError, write_failure_message
 from .run import Run
 from .step import StepStats
 
@@ -102,13 +101,12 @@ def save_state(run: Run, state: TrainState) -> Path:
 
 def finish_saves(run: Run) -> None:
     """Every rank: return once the last checkpoint and the last export are on disk (raising, on every rank, if a
-    write failed)."""
+    write failed; when both did, the checkpoint's error, which says how to resume: the loop's way out then waits
+    for the export and logs its error)."""
 
     def wait_for_both() -> None:
-        try:
-            run.checkpoints.wait()
-        finally:
-            run.exports.wait()
+        run.checkpoints.wait()
+        run.exports.wait()
 
     run_on_main(run.ctx, wait_for_both)
 
@@ -155,7 +153,8 @@ def _write_checkpoint(
             **snapshot,
         )
     except OSError as e:  # disk full, quota, I/O error: the write is undone, say so and what to do
-        raise CheckpointSaveError(save_failure_message(path, e, previous)) from e
+        kept = "no earlier checkpoint exists" if previous is None else f"the previous checkpoint {previous} is intact"
+        raise CheckpointSaveError(write_failure_message(str(path), e, kept)) from e
     removed = rotate_checkpoints(run.output_dir, run.config.checkpoints_total_limit, keep=path)
     run.log.write(
         f"Saved {path} (training paused {pause:.2f} s, written in {time.perf_counter() - start:.1f} s in the "
@@ -217,14 +216,3 @@ def _restore_position(run: Run, saved: dict[str, Any]) -> TrainState:
         state.global_step,
     )
     return state
-
-
-def save_failure_message(path: Path, error: OSError, previous: Path | None) -> str:
-    """What went wrong saving ``path``, what is left, and what to do."""
-    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-    kept = f"the previous checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint exists"
-    advice = "free some space (or lower --checkpoints_total_limit)" if full else "fix the cause"
-    return (
-        f"could not save {path}{' (the disk is full)' if full else ''}: {error}. Nothing was left half-written (the "
-        f"temporary folder was removed) and {kept}; {advice}, then resume with --resume_from_checkpoint latest"
-    )
