@@ -3,6 +3,8 @@
 
 import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -63,6 +65,50 @@ def test_asking_for_more_uploads_more(fake_hub, run):
     (uploaded,) = fake_hub.uploads
     assert PUSHED_FILES < uploaded and "checkpoint-10/training_state.pt" in uploaded
     assert not any(name.startswith(".tmp-") for name in uploaded)
+
+
+def test_listing_passes_over_a_folder_deleted_while_it_is_listed(run, monkeypatch):
+    """During a run the export lists the run folder for its upload on one thread while a checkpoint rotation deletes
+    old checkpoints on another: a folder gone between being listed and being entered is passed over, not an error
+    that fails the export."""
+    real_scandir = os.scandir
+
+    class Listing:  # os.scandir's iterator, its entries read at once
+        def __init__(self, path):
+            with real_scandir(path) as entries:
+                self.entries = iter(list(entries))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def close(self):
+            pass
+
+    rotations = []
+
+    def listing_then_rotation(path="."):  # each listing of the run folder sees a checkpoint that is then deleted
+        rotated = not isinstance(path, int) and Path(path) == run
+        if rotated:
+            (run / "checkpoint-20").mkdir()
+            (run / "checkpoint-20" / "model.safetensors").write_bytes(b"weights")
+        listing = Listing(path)
+        if rotated:
+            shutil.rmtree(run / "checkpoint-20")  # listed, not yet entered
+            rotations.append(path)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", listing_then_rotation)
+    assert set(files_to_upload(run)) == PUSHED_FILES
+    assert rotations  # the listing did meet the deleted folder
 
 
 def test_token_resolution_order(monkeypatch):

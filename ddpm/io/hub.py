@@ -68,8 +68,14 @@ def files_to_upload(folder: str | Path, allow_patterns: Sequence[str] | None = N
     """The files (paths relative to ``folder``) a push uploads; ``allow_patterns`` None means the pipeline only."""
     folder = Path(folder)
     patterns = list(PIPELINE_PATTERNS if allow_patterns is None else allow_patterns)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS))
+    files = []
+    # os.walk, not Path.rglob: during a run, checkpoint writes and rotations rename and delete folders here while an
+    # export lists it, and a folder gone between being listed and being entered must be passed over, not an error
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".tmp-", ".old-"))]  # leftovers and writes in progress
+        base = Path(root).relative_to(folder)
+        files += [(base / name).as_posix() for name in names if (Path(root) / name).is_file()]
+    return list(filter_repo_objects(sorted(files), allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS))
 
 
 def _api(token: str | None) -> Any:
