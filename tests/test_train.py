@@ -374,6 +374,24 @@ def test_metrics_log_and_sample_grids(tmp_path, tiny_train_args):
     assert grids == ["step_000004.png", "step_000008.png"]  # after each of the 2 epochs
 
 
+def test_an_export_shows_only_a_grid_of_its_own_weights(tmp_path, tiny_train_args, monkeypatch):
+    """Grids every 2 epochs, exports every epoch (3 epochs): the export of epoch 1 has no grid, rather than epoch 0's
+    passing for samples of the weights it publishes; the others show the grid sampled just before them."""
+    import ddpm.training.artifacts as artifacts_module
+
+    real_export, shown = artifacts_module.export_pipeline, []
+
+    def export_pipeline(*args, sample_grid=None, model_card=None, **kwargs):
+        shown.append((sample_grid.name if sample_grid is not None else None, "![Samples](samples.png)" in model_card))
+        return real_export(*args, sample_grid=sample_grid, model_card=model_card, **kwargs)
+
+    monkeypatch.setattr(artifacts_module, "export_pipeline", export_pipeline)
+    run([*tiny_train_args, "--max_train_steps", "12", "--save_images_epochs", "2", "--save_model_epochs", "1"])
+    assert shown == [("step_000004.png", True), (None, False), ("step_000012.png", True)]
+    out = tmp_path / "run"
+    assert (out / "samples.png").read_bytes() == (out / "samples" / "step_000012.png").read_bytes()
+
+
 def test_data_wait_is_the_share_of_the_tick_spent_waiting_for_images(tmp_path, tiny_train_args, monkeypatch):
     """Images that take 50 ms each (4 per step) against a step of a few ms: the loader sets the pace."""
     from ddpm.data.datasets import ImageDataset

@@ -66,17 +66,26 @@ def sample_grid(run: Run, state: TrainState, epoch: int) -> None:
     order = sorted(range(config.eval_batch_size), key=lambda i: (i % ctx.world_size, i // ctx.world_size))
     images = torch.empty(config.eval_batch_size, *shares[0].shape[1:])
     images[order] = torch.cat([share for share in shares if len(share)])
-    state.last_grid = save_grid(images, run.output_dir / SAMPLES_DIR / f"step_{state.global_step:06d}.png")
+    state.last_grid = save_grid(images, _grid_path(run, state.global_step))
     run.log.images(images, epoch, state.global_step)
     run.log.write(f"Saved samples {state.last_grid}")
 
 
+def _grid_path(run: Run, step: int) -> Path:
+    """Where the sample grid of optimizer step ``step`` is saved."""
+    return run.output_dir / SAMPLES_DIR / f"step_{step:06d}.png"
+
+
 def export(run: Run, state: TrainState, epoch: int) -> None:
     """Rank 0: the diffusers pipeline and its model card into --output_dir, then (--push_to_hub) to the Hub, from a
-    snapshot of the weights, written in the background (the previous export's error is raised here)."""
+    snapshot of the weights, written in the background (the previous export's error is raised here).
+
+    The export shows a sample grid only if one was sampled from these weights (at this step): a grid of an earlier
+    epoch would pass for samples of the model it is published with."""
     config = run.config
     run.exports.wait()  # at most one export in flight
     weights = host_copy(run.ema.shadow if run.ema is not None else run.unet.state_dict())
+    grid = state.last_grid if state.last_grid == _grid_path(run, state.global_step) else None
     name = repo_id(config)
     card = make_model_card(
         run.unet_config,
@@ -91,13 +100,13 @@ def export(run: Run, state: TrainState, epoch: int) -> None:
             "Global batch size": run.global_batch,
             "Weights": "EMA" if run.ema is not None else "live (no EMA)",
         },
-        sample_grid="samples.png" if state.last_grid is not None else None,
+        sample_grid="samples.png" if grid is not None else None,
         repo_id=name if config.push_to_hub else None,
         # Hub metadata: only Hub ids, not local paths or built-in datasets
         base_model=hub_id_or_none(config.pretrained_model_name_or_path),
         dataset=hub_id_or_none(config.dataset_name),
     )
-    grid, message = state.last_grid, f"Step {state.global_step} (epoch {epoch})"
+    message = f"Step {state.global_step} (epoch {epoch})"
 
     def write() -> None:  # on the export writer's thread
         try:

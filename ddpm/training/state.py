@@ -54,7 +54,7 @@ class TrainState:
     # ---- outputs so far
     last_checkpoint: Path | None = None  # the newest checkpoint saved, or the one resumed from
     last_saved_step: int = -1  # the step it holds (-1: none)
-    last_grid: Path | None = None  # rank 0: the newest sample grid (the export's model card shows it)
+    last_grid: Path | None = None  # rank 0: the newest sample grid (an export of the same step shows it)
 
     @classmethod
     def start(cls, device: torch.device, skipped_steps: int = 0) -> TrainState:
