@@ -18,7 +18,7 @@ import os
 from dataclasses import fields
 
 from ddpm.data.datasets import ImageDataset, load_image_dataset
-from ddpm.data.prepared import describe, prepare_dataset
+from ddpm.data.prepared import check_output_dir, describe, prepare_dataset
 from ddpm.data.transforms import ImageTransform
 from ddpm.runtime.cli import ScriptParser, user_errors
 from ddpm.training.config import TrainConfig
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     fixed = ("resolution", "center_crop", "preserve_input_precision")  # in the manifest already
     source = {name: getattr(args, name) for name in DATA_FLAGS if name not in fixed}
     with user_errors("prepare_dataset.py"):  # no such folder or dataset, an unreadable image (named), a full disk
+        check_output_dir(args.output_dir)  # before the source is loaded, which may take long
         data, column = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.image_column
         )

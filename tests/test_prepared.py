@@ -1,6 +1,7 @@
 """Prepared datasets (scripts/prepare_dataset.py, ddpm.data.prepared): the same tensors as decoding the source,
 hence the same trained weights; a folder is complete or absent; flags that disagree with it are refused."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,23 @@ def test_a_failed_preparation_leaves_the_previous_folder(tmp_path, tiny_image_di
         )
     assert (tmp_path / "out" / "pixels.bin").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+
+
+def test_a_folder_that_is_not_a_prepared_one_is_never_replaced(tmp_path, tiny_image_dir):
+    """--output_dir naming the source images (or any folder with other files) would have been replaced wholesale:
+    it is refused in one line, before any work, and left as it was; a prepared folder is replaced."""
+    source = tmp_path / "photos"
+    shutil.copytree(tiny_image_dir, source)
+    before = sorted(p.name for p in source.iterdir())
+    for output_dir in (source, source / "img_00.png"):
+        with pytest.raises(SystemExit) as exit_info:
+            _prepare(["--train_data_dir", str(source), "--resolution", "8"], output_dir, "--num_proc", "1")
+        message = str(exit_info.value.code)
+        assert message.startswith(f"prepare_dataset.py: error: --output_dir {output_dir} exists and is not a prepared")
+        assert sorted(p.name for p in source.iterdir()) == before
+    _prepare(["--train_data_dir", str(source), "--resolution", "8"], tmp_path / "out", "--num_proc", "1")
+    _prepare(["--train_data_dir", str(source), "--resolution", "4"], tmp_path / "out", "--num_proc", "1")
+    assert read_json(tmp_path / "out" / MANIFEST_NAME)["resolution"] == 4
 
 
 @pytest.mark.parametrize(

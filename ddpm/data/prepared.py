@@ -66,6 +66,20 @@ def is_prepared(path: str | os.PathLike | None) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- writing
 
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """A ValueError unless ``output_dir`` may be written: absent, empty, or a prepared folder (which is replaced).
+
+    Any other folder would be replaced wholesale, with whatever it holds (the source images, a folder of datasets).
+    """
+    path = Path(output_dir)
+    if path.exists() and not is_prepared(path) and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(
+            f"--output_dir {path} exists and is not a prepared folder: writing there would delete what it holds; "
+            "choose a new or empty folder"
+        )
+
+
 _worker_images: ImageDataset | None = None  # each preparation worker's dataset (set by its initializer)
 
 
@@ -102,12 +116,14 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Write ``images`` (their transform's :meth:`~ddpm.data.transforms.ImageTransform.resize` output) as a prepared
     folder at ``output_dir``, atomically (a failure leaves any previous folder there intact); returns the manifest.
+    ``output_dir`` must be absent, empty or a prepared folder (:func:`check_output_dir`).
 
     ``source`` describes where the images came from (the data flags), for the manifest. ``images.transform``'s
     ``random_flip`` is not applied: flips are drawn at read time.
     """
     from tqdm import tqdm
 
+    check_output_dir(output_dir)
     transform = images.transform
     digest = hashlib.sha256()
     shapes = np.zeros((len(images), 2), dtype=np.int64)
