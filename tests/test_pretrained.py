@@ -2,6 +2,8 @@
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import diffusers
 import huggingface_hub
@@ -206,25 +208,63 @@ def test_checkpoints_and_run_folders(tmp_path):
     assert same(loaded(run, use_ema=False), weights[2])  # live weights only live in the checkpoints
 
 
-def test_hub_id_downloads_only_what_is_needed(tmp_path, monkeypatch):
-    _make_folder("bin", tmp_path / "snapshot")
-    calls = []
+@pytest.fixture
+def hub_repo(tmp_path, monkeypatch):
+    """``(remote, calls)``: a Hub repo whose files are those of the folder ``remote``; ``snapshot_download`` copies
+    the ones its allow patterns match (huggingface_hub's own filter) into a cache snapshot, as the Hub does."""
+    from huggingface_hub.utils import filter_repo_objects
 
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return str(tmp_path / "snapshot")
+    remote, calls = tmp_path / "remote", []
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    _, schedule_config, _ = load_model("google/ddpm-tiny", cache_dir=tmp_path / "cache")
+    def snapshot_download(repo_id, *, cache_dir=None, allow_patterns=None):
+        calls.append((repo_id, cache_dir, list(allow_patterns)))
+        snapshot = Path(cache_dir) / "snapshot"
+        files = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return remote, calls
+
+
+def test_hub_id_downloads_only_what_is_needed(tmp_path, hub_repo):
+    remote, calls = hub_repo
+    state_dict = _make_folder("bin", remote)
+    _, schedule_config, loaded = load_model("google/ddpm-tiny", cache_dir=tmp_path / "cache")
     assert schedule_config.variance_type == "fixed_large"
-    # safetensors asked for first; this repo only has .bin, so a second call asks for that
-    assert [c[0] for c in calls] == ["google/ddpm-tiny"] * 2
-    assert all(c[1]["cache_dir"] == tmp_path / "cache" for c in calls)
-    first, second = calls[0][1]["allow_patterns"], calls[1][1]["allow_patterns"]
+    assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+    # safetensors asked for first, then a variant's safetensors; this repo only has .bin, so a third call asks for it
+    assert [(c[0], c[1]) for c in calls] == [("google/ddpm-tiny", tmp_path / "cache")] * 3
+    first, second, third = (c[2] for c in calls)
     assert "unet/diffusion_pytorch_model.safetensors" in first and not any(p.endswith(".bin") for p in first)
-    assert "unet/diffusion_pytorch_model.bin" in second and not any(p.endswith(".safetensors") for p in second)
+    assert "unet/diffusion_pytorch_model.*.safetensors" in second
+    assert "unet/diffusion_pytorch_model.bin" in third and not any(p.endswith(".safetensors") for p in third)
     assert "model_index.json" in first and "scheduler/scheduler_config.json" in first
-    assert not any(p.startswith("*") for p in first + second)  # named files only, never the whole repo
+    assert not any(p.startswith("*") for p in first + second + third)  # named files only, never the whole repo
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_hub_model_exported_in_half_precision_loads(tmp_path, hub_repo, dtype):
+    """An export with --dtype fp16/bf16 has only the variant weights file (diffusion_pytorch_model.fp16.safetensors):
+    the download fetches it (and not the float32 file of a repo that has both)."""
+    remote, calls = hub_repo
+    unet_config = UNetConfig.from_dict(TINY)
+    torch.manual_seed(0)
+    weights = UNet(unet_config).state_dict()
+    export_pipeline(unet_config, ScheduleConfig(), weights, remote, dtype=dtype)
+    _, _, loaded = load_model("me/ddpm-half", cache_dir=tmp_path / "cache")
+    assert all(torch.equal(loaded[k], v.to(dtype)) for k, v in weights.items())
+    assert len(calls) == 2  # float32 safetensors asked for first, then the variant
+    variant = next((remote / "unet").glob("diffusion_pytorch_model.*.safetensors"))
+    shutil.copy(variant, tmp_path / variant.name)
+    export_pipeline(unet_config, ScheduleConfig(), weights, remote)  # float32 (an export replaces unet/ wholesale)
+    shutil.copy(tmp_path / variant.name, variant)  # and the variant beside it
+    shutil.rmtree(tmp_path / "cache")
+    calls.clear()
+    _, _, loaded = load_model("me/ddpm-half", cache_dir=tmp_path / "cache")
+    assert len(calls) == 1 and all(torch.equal(loaded[k], v) for k, v in weights.items())
 
 
 def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):

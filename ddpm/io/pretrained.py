@@ -223,18 +223,23 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
 
 
 def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
-    """Fetch the configs and one set of UNet weights of a Hub model (safetensors if it has them, else ``.bin``)."""
+    """Fetch the configs and one set of UNet weights of a Hub model: safetensors if it has them, else a variant's
+    safetensors (a model exported in fp16 or bf16 has only ``diffusion_pytorch_model.fp16.safetensors``), else
+    ``.bin``; never more than the first kind found."""
     configs = [MODEL_INDEX_NAME, *UNET_CONFIG_PATHS, *SCHEDULER_CONFIG_PATHS]
 
-    def weights(suffix: str) -> list[str]:
-        names = [f"{WEIGHTS_STEM}.{suffix}", f"{WEIGHTS_STEM}.{suffix}.index.json", f"{WEIGHTS_STEM}-*.{suffix}"]
+    def in_both_layouts(names: list[str]) -> list[str]:  # a pipeline's unet/ or a bare model's root
         return names + [f"{UNET_FOLDER}/{name}" for name in names]
 
-    folder = _snapshot(repo_id, configs + weights("safetensors"), cache_dir)
-    if not any(folder.glob(f"{WEIGHTS_STEM}*.safetensors")) and not any(
-        (folder / UNET_FOLDER).glob(f"{WEIGHTS_STEM}*.safetensors")
-    ):
-        folder = _snapshot(repo_id, configs + weights("bin"), cache_dir)
+    def weights(suffix: str) -> list[str]:
+        return in_both_layouts(
+            [f"{WEIGHTS_STEM}.{suffix}", f"{WEIGHTS_STEM}.{suffix}.index.json", f"{WEIGHTS_STEM}-*.{suffix}"]
+        )
+
+    for names in (weights("safetensors"), in_both_layouts([f"{WEIGHTS_STEM}.*.safetensors"]), weights("bin")):
+        folder = _snapshot(repo_id, configs + names, cache_dir)
+        if any(any(folder.glob(name)) for name in names):
+            break
     return folder
 
 
