@@ -151,6 +151,7 @@ class FakeHub:
         self.calls: list[tuple[str, dict]] = []  # (method, every argument by name, defaults included)
         self.uploads: list[set[str]] = []  # per ``upload_folder`` call: the files the real client would send
         self.fail_with: Exception | None = None  # raised by ``upload_folder`` (a network or permission failure)
+        self.repos: dict[str, set[str]] = {}  # each repo's files after the uploads (and their deletions)
 
     @property
     def tokens(self) -> list:
@@ -168,6 +169,7 @@ def fake_hub(monkeypatch):
     argument fails as it would against the Hub), and ``upload_folder`` lists the files the real client would send,
     with huggingface_hub's own ``filter_repo_objects`` applied to the patterns actually passed plus the client's
     ``DEFAULT_IGNORE_PATTERNS`` (``HfApi.upload_folder`` does the same): no ``allow_patterns`` uploads everything.
+    ``repos`` holds each repo's files as the commits leave them (``delete_patterns`` as ``HfApi`` applies them).
     """
     import huggingface_hub
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
@@ -200,9 +202,15 @@ def fake_hub(monkeypatch):
             ignore = arguments["ignore_patterns"] or []
             ignore = [ignore] if isinstance(ignore, str) else list(ignore)
             ignore += DEFAULT_IGNORE_PATTERNS
-            hub.uploads.append(
-                set(filter_repo_objects(files, allow_patterns=arguments["allow_patterns"], ignore_patterns=ignore))
-            )
+            allow = arguments["allow_patterns"]
+            uploaded = set(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+            hub.uploads.append(uploaded)
+            # the commit: the repo's files matching delete_patterns go (never .gitattributes), the uploaded ones come
+            repo = hub.repos.setdefault(arguments["repo_id"], {".gitattributes"})
+            delete_patterns = arguments["delete_patterns"]
+            if delete_patterns is not None:
+                repo -= set(filter_repo_objects(sorted(repo), allow_patterns=delete_patterns)) - {".gitattributes"}
+            repo |= uploaded
             return "commit-info"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)

@@ -67,6 +67,23 @@ def test_asking_for_more_uploads_more(fake_hub, run):
     assert not any(name.startswith(".tmp-") for name in uploaded)
 
 
+def test_a_push_leaves_on_the_hub_the_pipeline_of_the_export_and_nothing_older(fake_hub, run):
+    """The run folder is pushed (float32 weights, a grid), then exported again in fp16 without a grid and pushed: the
+    repo holds this export's pipeline only, not the float32 file from_pretrained would load first nor the old grid;
+    a push of other files (allow patterns given) deletes nothing."""
+    push_folder(run, "me/ddpm-tiny", token=TOKEN)
+    assert fake_hub.repos["me/ddpm-tiny"] == PUSHED_FILES | {".gitattributes"}
+    unet_config = UNetConfig.from_dict(TINY)
+    export_pipeline(unet_config, ScheduleConfig(), UNet(unet_config).state_dict(), run, dtype=torch.float16)
+    push_folder(run, "me/ddpm-tiny", token=TOKEN)
+    repo = fake_hub.repos["me/ddpm-tiny"]
+    assert repo == set(files_to_upload(run)) | {".gitattributes"}
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in repo
+    assert "unet/diffusion_pytorch_model.safetensors" not in repo and "samples.png" not in repo
+    push_folder(run, "me/ddpm-tiny", token=TOKEN, allow_patterns=["logs/*"])
+    assert fake_hub.repos["me/ddpm-tiny"] == repo | {"logs/events.out.tfevents"}
+
+
 def test_listing_passes_over_a_folder_deleted_while_it_is_listed(run, monkeypatch):
     """During a run the export lists the run folder for its upload on one thread while a checkpoint rotation deletes
     old checkpoints on another: a folder gone between being listed and being entered is passed over, not an error

@@ -113,8 +113,10 @@ def push_folder(
 ) -> Any:
     """Upload the exported pipeline in ``folder`` to ``repo_id`` (created if needed); returns the commit info.
 
-    ``allow_patterns`` None uploads the pipeline files only (:func:`files_to_upload` lists them); pass other patterns
-    to upload more (e.g. ``["*"]`` for the whole folder, checkpoints included).
+    ``allow_patterns`` None uploads the pipeline files only (:func:`files_to_upload` lists them), and deletes the
+    repo's pipeline files that the export no longer has (a float32 weights file after an fp16 export would otherwise
+    be what ``from_pretrained`` loads; a grid of older weights would stay on the card); pass other patterns to
+    upload more (e.g. ``["*"]`` for the whole folder, checkpoints included), deleting nothing.
     """
     folder = Path(folder)
     if not (folder / MODEL_INDEX_NAME).is_file():
@@ -136,6 +138,7 @@ def push_folder(
             commit_message=commit_message,
             allow_patterns=patterns,
             ignore_patterns=IGNORE_PATTERNS,
+            delete_patterns=PIPELINE_PATTERNS if allow_patterns is None else None,
         )
     except Exception as e:  # any network / HTTP / permission failure of the Hub client
         raise HubError(
