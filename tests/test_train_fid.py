@@ -18,6 +18,7 @@ from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.evaluation.fid_monitor import CACHE_PREFIX, SAMPLE_SEED
 from ddpm.evaluation.generate import sample_images
 from ddpm.evaluation.metrics import FeatureStats, compute_features, frechet_distance, load_source
+from ddpm.io.files import read_safetensors, write_safetensors
 from ddpm.io.images import to_uint8
 from ddpm.io.pretrained import load_model
 from ddpm.models.unet import UNet
@@ -107,6 +108,14 @@ def test_evaluations_leave_the_training_unchanged_and_the_reference_is_cached(
     records = fid_records(tmp_path / "fid")
     assert [r["step"] for r in records] == [2, 3, 4]
     assert records[-1]["fid"] > 2048 * 50**2 > 10 * records[1]["fid"]  # the shift of the means dominates
+
+    # ...but not under other Inception weights: their statistics are computed (and cached) anew.
+    other = {k: v * 1.01 if v.is_floating_point() else v for k, v in read_safetensors(random_weights).items()}
+    write_safetensors(other, tmp_path / "other-inception.safetensors")
+    resume = [*resume, "--max_train_steps", "5", "--inception_weights", str(tmp_path / "other-inception.safetensors")]
+    train(script.parse_args(resume))
+    assert len(list((tmp_path / "fid").glob(f"{CACHE_PREFIX}-*.npz"))) == 2
+    assert fid_records(tmp_path / "fid")[-1]["fid"] < 2048 * 50**2 / 10
 
 
 def test_an_explicit_reference_statistics_file_is_used(tmp_path, tiny_train_args, random_weights, small_inputs):

@@ -400,6 +400,7 @@ def _fid_monitor(
 ) -> FIDMonitor:
     """Loads the Inception network (failing now if its weights are missing) and the reference statistics."""
     names = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "resolution", "center_crop")
+    names += ("preserve_input_precision",)  # 16-bit images read at full precision give other statistics
     return FIDMonitor(
         ctx,
         sampling_unet,
