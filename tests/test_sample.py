@@ -30,6 +30,7 @@ from ddpm import ScheduleConfig, UNet, UNetConfig
 from ddpm.diffusion.samplers import ddpm_sample
 from ddpm.diffusion.schedule import NoiseSchedule
 from ddpm.evaluation.generate import SETTINGS_NAME, image_generators, sample_images
+from ddpm.evaluation.metrics import load_source
 from ddpm.io.checkpoint import load_checkpoint_model
 from ddpm.io.images import to_uint8
 
@@ -82,6 +83,9 @@ def test_writes_numbered_pngs_grid_and_npz_with_the_ema_weights(checkpoint, tmp_
     # 3 per row, 2 px padding; 8 px images scaled x22 so that a row is >= 512 px. The numbered PNGs keep 8 px.
     assert Image.open(tmp_path / "grid.png").size == (3 * (8 * 22 + 2) + 2, 2 * (8 * 22 + 2) + 2)
     assert not list(tmp_path.rglob(".*tmp"))
+    # evaluate.py --samples OUTPUT_DIR reads the samples, not the grid beside them
+    from_folder = load_source(tmp_path)
+    assert len(from_folder) == 5 and all(np.array_equal(from_folder[i], images[i]) for i in range(5))
 
     # Each image is the library's image of its index: EMA weights (zero output layer) by default.
     unet_config, _, ema_weights, _ = load_checkpoint_model(checkpoint)

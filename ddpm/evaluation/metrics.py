@@ -9,7 +9,8 @@ Conventions follow pytorch-fid / torch-fidelity so the numbers are comparable wi
 * IS uses the unbiased 1008-way logits, 10 splits, samples shuffled with seed 2020 (torch-fidelity's defaults);
 * KID uses the cubic polynomial kernel, 100 subsets of min(1000, N) samples, seed 2020 (torch-fidelity's defaults).
 
-Image sources (``load_source``): a folder of images (searched recursively), a ``.npz`` with uint8 ``images``
+Image sources (``load_source``): a folder of images (searched recursively; in ``scripts/sample.py``'s output folder,
+its ``images/``), a ``.npz`` with uint8 ``images``
 [N, H, W, C] (or ``arr_0``, as OpenAI's sample batches), a Hugging Face dataset (``builtin:NAME[:SPLIT]``, a
 ``save_to_disk`` folder or a Hub id), or a statistics ``.npz`` (``mu``, ``sigma``, ``num_images``) as written by
 ``FeatureStats.save`` and by pytorch-fid's ``--save-stats``.
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..io.files import atomic_write_file
+from .generate import IMAGES_FOLDER, SETTINGS_NAME
 from .inception import FIDInceptionV3
 
 logger = logging.getLogger(__name__)
@@ -280,6 +282,10 @@ def load_source(source: str | os.PathLike) -> FeatureStats | Dataset:
             if key is None:
                 raise ValueError(f"{path}: expected key 'images' (or 'mu' and 'sigma'), found {data.files}")
             return ArraySource(data[key], name=f"{path}[{key!r}]")
+    if path.is_dir() and (path / SETTINGS_NAME).is_file() and (path / IMAGES_FOLDER).is_dir():
+        # scripts/sample.py's output folder: its samples, not the grid of them beside
+        logger.info("%s holds scripts/sample.py's output: reading its samples in %s/", path, IMAGES_FOLDER)
+        path = path / IMAGES_FOLDER
     if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
         return ImageFolderSource(path)
     from ..data.datasets import load_image_dataset  # datasets is slow to import; only dataset sources need it
