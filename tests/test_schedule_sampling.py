@@ -51,6 +51,24 @@ def test_inference_timesteps_rejects_too_many_steps():
         inference_timesteps(ScheduleConfig(), 1001)
 
 
+@pytest.mark.parametrize(("offset", "steps", "most"), [(1, 1000, 999), (2, 500, 499)])
+def test_a_steps_offset_that_would_pass_the_last_timestep_is_refused(offset, steps, most):
+    """Leading spacing shifted by ``steps_offset`` (as DDIM-made scheduler configs have) can start past the last
+    timestep, where diffusers' scheduler fails indexing its tables: refused, naming the largest count that fits,
+    which gives diffusers' timesteps."""
+    reference = diffusers.DDPMScheduler(steps_offset=offset)
+    reference.set_timesteps(steps)
+    config = ScheduleConfig(steps_offset=offset)
+    assert reference.timesteps[0] >= 1000  # where diffusers' step() would index past alphas_cumprod
+    with pytest.raises(
+        ValueError,
+        match=rf"steps_offset={offset} would start at timestep \d+, past the last one \(999\); use at most {most}$",
+    ):
+        inference_timesteps(config, steps)
+    reference.set_timesteps(most)
+    assert inference_timesteps(config, most) == reference.timesteps.tolist()
+
+
 def test_training_losses_match_train_unconditional_formulas():
     schedule = NoiseSchedule(ScheduleConfig(prediction_type="sample"))
     g = torch.Generator().manual_seed(0)
