@@ -85,6 +85,7 @@ UNET_FIXED_KEYS: dict[str, Any] = {
     "upsample_type": "conv",
     "mid_block_type": "UNetMidBlock2D",
 }
+UNET_ANY_VALUE_KEYS = frozenset({"num_train_timesteps"})  # diffusers ignores it with positional time embeddings
 # DDPMScheduler keys our schedule does not model: no custom betas, no dynamic thresholding. Written at these values
 # (diffusers' defaults); read, they must hold them, except the keys below, which only matter with thresholding on.
 SCHEDULER_FIXED_KEYS: dict[str, Any] = {
@@ -176,7 +177,8 @@ def unet_config_from_diffusers(config: dict[str, Any], source: str = "UNet2DMode
         raise ValueError(f"{source}: no sample_size key (the image size DDPMPipeline samples at)")
     config = {k: v for k, v in config.items() if k not in EMA_CONFIG_KEYS}
     try:
-        return UNetConfig.from_dict(_own_keys({**LEGACY_UNET_DEFAULTS, **config}, UNET_FIXED_KEYS, "UNet"))
+        own = _own_keys({**LEGACY_UNET_DEFAULTS, **config}, UNET_FIXED_KEYS, "UNet", UNET_ANY_VALUE_KEYS)
+        return UNetConfig.from_dict(own)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from e
 
