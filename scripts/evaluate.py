@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{flag} is too small: {getattr(args, flag)}")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.save_stats is not None and not args.save_stats.endswith(".npz"):  # refused now, not after the features
+        parser.error(f"--save_stats {args.save_stats}: the statistics file name must end in .npz")
     return args
 
 
