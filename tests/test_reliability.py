@@ -377,6 +377,23 @@ def test_latest_skips_incomplete_checkpoints_and_clears_the_remains_of_a_crash(
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
 
 
+def test_a_checkpoint_set_aside_by_a_save_killed_between_its_renames_is_restored(
+    trained, tmp_path, make_train_args, caplog
+):
+    """Checkpoints: a save that replaces ``checkpoint-4`` (a run resumed from an older checkpoint reaches step 4
+    again) renames the old folder aside, then the new one in; killed between the two renames it leaves no
+    ``checkpoint-4``: the next run puts the old one back, so ``latest`` resumes from step 4, not step 2."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "checkpoint-4").rename(out / ".old-checkpoint-4-12345")  # the first rename of the replacing save
+    shutil.copytree(out / "checkpoint-2", out / ".tmp-checkpoint-4-abcdef")  # its new folder, not renamed in
+    with caplog.at_level(logging.INFO):
+        result = run(resume_args(make_train_args, out, "--max_train_steps", "5"))
+    assert f"resumed from {out / 'checkpoint-4'} at optimizer step 4" in caplog.text
+    assert result.global_step == 5
+    assert not list(out.glob(".old-*")) and not list(out.glob(".tmp-*"))
+
+
 def test_resuming_another_architecture_lists_the_differing_keys(trained, tmp_path, make_train_args):
     """Checkpoints: resuming with a different model config is refused, listing every differing key."""
     other = tmp_path / "other_unet.json"

@@ -33,6 +33,7 @@ from .files import (
     read_json,
     read_safetensors,
     read_torch_state,
+    replaced_dir_name,
     write_json,
     write_safetensors,
     write_torch_state,
@@ -299,10 +300,19 @@ def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
     """Delete the ``.tmp-checkpoint-*`` folders that saves (or rotations) killed midway left in ``output_dir``.
 
     Only one process writes checkpoints to an output folder, so any such folder there is garbage, never a save in
-    progress. Returns the deleted paths.
+    progress. A save that replaced a ``checkpoint-N`` and was killed between its two renames left the old folder
+    aside and no ``checkpoint-N``: it is put back. Returns the deleted paths.
     """
     output_dir = Path(output_dir)
-    found = sorted(p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir()) if output_dir.is_dir() else []
+    if not output_dir.is_dir():
+        return []
+    for aside in sorted(output_dir.glob(replaced_dir_name("checkpoint-*"))):
+        original = output_dir / aside.name.removeprefix(".old-").rpartition("-")[0]
+        if aside.is_dir() and not original.exists():
+            aside.rename(original)
+            logger.warning("restored %s, set aside by a checkpoint save that was interrupted", original)
+    found = sorted(p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir())
+    found += sorted(p for p in output_dir.glob(replaced_dir_name("checkpoint-*")) if p.is_dir())
     for stale in found:
         shutil.rmtree(stale, ignore_errors=True)
     return found

@@ -28,7 +28,8 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``final_path``; on success it replaces ``final_path``, on error it is removed.
 
     An existing ``final_path`` is only removed once the new folder is complete, so a failure at any point leaves
-    the previous content intact.
+    the previous content intact (a kill between its two renames leaves it as :func:`replaced_dir_name`, which
+    the next writer may restore).
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
         yield tmp
         _fsync_dir_tree(tmp)
         if final_path.exists():
-            old = final_path.with_name(f".old-{final_path.name}-{os.getpid()}")
+            old = final_path.with_name(replaced_dir_name(final_path.name, os.getpid()))
             final_path.rename(old)
             tmp.rename(final_path)
             shutil.rmtree(old, ignore_errors=True)
@@ -46,6 +47,12 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replaced_dir_name(name: str, pid: int | str = "*") -> str:
+    """Where :func:`atomic_write_dir` keeps the folder ``name`` it replaces until the new one is in place (a glob
+    pattern with the default ``pid``)."""
+    return f".old-{name}-{pid}"
 
 
 @contextmanager

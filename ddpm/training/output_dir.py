@@ -45,6 +45,9 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     acquire_lock(out)
+    # first: a checkpoint an interrupted save set aside is back before "latest" is looked for
+    for stale in remove_interrupted_saves(out):
+        logger.warning("removed %s, the remains of an interrupted checkpoint save", stale)
     restarts, resume = restart_count(), None
     if restarts:  # the flags started this run, and this worker continues it from where it got to
         resume = latest_checkpoint(out, resumable=True)
@@ -76,8 +79,6 @@ def prepare_output_dir(config: TrainConfig) -> Path | None:
                 out,
                 resume.name,
             )
-    for stale in remove_interrupted_saves(out):
-        logger.warning("removed %s, the remains of an interrupted checkpoint save", stale)
     return resume
 
 
