@@ -54,21 +54,28 @@ def test_one_write_in_flight_and_errors_surface_at_the_next_wait():
 
 
 def test_training_continues_while_a_checkpoint_is_written(tmp_path, tiny_train_args, monkeypatch):
-    """A write that takes 1 s: the steps after the save run while it is written, the next save waits for it, and
-    the run returns only after the last checkpoint is complete."""
+    """The write of checkpoint-4 lasts until step 5 has begun (up to 30 s: a training that waited for it would then
+    take step 5 after it), the last one 1 s: the steps after a save run while it is written, and the run returns
+    only after the last checkpoint is complete."""
     import ddpm.training.loop as loop_module
     import ddpm.training.state as state_module
 
     real_save, real_step, events = state_module.save_training_checkpoint, loop_module.optimizer_step, []
+    step_5_began = threading.Event()
 
     def slow_save(path, **kwargs):
         events.append(f"write {path.name}")
-        time.sleep(1.0)
+        if path.name == "checkpoint-4":
+            step_5_began.wait(timeout=30)  # not a fixed time: the epoch-end grid may take long on a busy machine
+        else:
+            time.sleep(1.0)
         real_save(path, **kwargs)
         events.append(f"wrote {path.name}")
 
     def step(run, batches, index):
         events.append(f"step {index + 1}")
+        if index + 1 == 5:
+            step_5_began.set()
         return real_step(run, batches, index)
 
     monkeypatch.setattr(state_module, "save_training_checkpoint", slow_save)
@@ -90,10 +97,14 @@ def test_training_continues_while_the_pipeline_is_exported(tmp_path, tiny_train_
     from ddpm.io.files import read_safetensors
 
     real_export, real_step, events, exported = artifacts_module.export_pipeline, loop_module.optimizer_step, [], []
+    step_5_began = threading.Event()
 
     def slow_export(unet_config, schedule_config, weights, output_dir, **kwargs):
         events.append("export")
-        time.sleep(1.0)
+        if not exported:  # the first lasts until step 5 has begun (up to 30 s), the last one 1 s
+            step_5_began.wait(timeout=30)
+        else:
+            time.sleep(1.0)
         exported.append({name: tensor.clone() for name, tensor in weights.items()})
         folder = real_export(unet_config, schedule_config, weights, output_dir, **kwargs)
         events.append("exported")
@@ -101,6 +112,8 @@ def test_training_continues_while_the_pipeline_is_exported(tmp_path, tiny_train_
 
     def step(run, batches, index):
         events.append(f"step {index + 1}")
+        if index + 1 == 5:
+            step_5_began.set()
         return real_step(run, batches, index)
 
     monkeypatch.setattr(artifacts_module, "export_pipeline", slow_export)
