@@ -135,6 +135,14 @@ def test_image_column_errors(tmp_path):
         load_image_dataset(dataset_name=str(tmp_path / "no-images"))
     with pytest.raises(ValueError, match="Column 'label' .* not images"):
         load_image_dataset(dataset_name=str(tmp_path / "no-images"), image_column="label")
+    # a column named explicitly is never replaced by another one: the two-image-column dataset's "target" misspelt
+    pixels = [Image.fromarray(np.full((4, 4), i, np.uint8)) for i in range(2)]
+    two = datasets.Dataset.from_dict({"input": pixels, "target": pixels}).cast_column("input", datasets.Image())
+    two.cast_column("target", datasets.Image()).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ValueError, match=r"--image_column 'targte': .* has no such column; columns: input \(Image"):
+        load_image_dataset(dataset_name=str(tmp_path / "two"), image_column="targte")
+    assert load_image_dataset(dataset_name=str(tmp_path / "two"), image_column="target")[1] == "target"
+    assert load_image_dataset(dataset_name=str(tmp_path / "two"))[1] == "input"  # the default name: the first one
 
 
 def test_offline_uncached_hub_id_names_the_dataset(tmp_path, monkeypatch):

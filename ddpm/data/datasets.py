@@ -140,19 +140,28 @@ def _load_with_datasets(source: str, *args, **kwargs) -> datasets.Dataset:
         raise ValueError(f"Could not load {source}: {type(err).__name__}: {err}.{hint}") from err
 
 
-def find_image_column(dataset: datasets.Dataset, image_column: str = "image", source: str = "the dataset") -> str:
-    """``image_column`` if the dataset has it, else its first ``datasets.Image`` column; ValueError if none."""
+DEFAULT_IMAGE_COLUMN = "image"
+
+
+def find_image_column(
+    dataset: datasets.Dataset, image_column: str = DEFAULT_IMAGE_COLUMN, source: str = "the dataset"
+) -> str:
+    """``image_column`` if the dataset has it; for the default name only, else its first ``datasets.Image`` column
+    (a column named explicitly is never replaced by another: a misspelt one is an error); ValueError if none."""
+    columns = ", ".join(f"{n} ({f})" for n, f in dataset.features.items())
     if image_column in dataset.column_names:
         feature = dataset.features[image_column]
         if not isinstance(feature, datasets.Image):
             raise ValueError(f"Column {image_column!r} of {source} holds {feature}, not images (datasets.Image)")
         return image_column
+    if image_column != DEFAULT_IMAGE_COLUMN:
+        raise ValueError(f"--image_column {image_column!r}: {source} has no such column; columns: {columns}")
     for name, feature in dataset.features.items():
         if isinstance(feature, datasets.Image):
             return name
     raise ValueError(
         f"{source} has no image column: no column {image_column!r} and no column of type datasets.Image; "
-        f"columns: {', '.join(f'{n} ({f})' for n, f in dataset.features.items())}"
+        f"columns: {columns}"
     )
 
 
@@ -161,7 +170,7 @@ def load_image_dataset(
     dataset_config_name: str | None = None,
     train_data_dir: str | None = None,
     cache_dir: str | None = None,
-    image_column: str = "image",
+    image_column: str = DEFAULT_IMAGE_COLUMN,
 ) -> tuple[datasets.Dataset, str]:
     """The training images and the name of their column (see :func:`find_image_column`).
 
