@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The run configuration of a command line (exits with a usage error on bad flags or values)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
+    pre = ScriptParser(prog=PROG, add_help=False, allow_abbrev=False)  # its usage errors are train.py's one line
+    pre.add_argument("--config", metavar="FILE")
     config_file = pre.parse_known_args(argv)[0].config
     if config_file is not None:
         try:

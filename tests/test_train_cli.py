@@ -186,6 +186,13 @@ def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
     assert "unknown setting(s) nope" in capsys.readouterr().err
 
 
+def test_config_without_a_value_is_train_pys_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--dataset_name", "x", "--config"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "train.py: error: argument --config: expected one argument\n"
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -193,6 +200,8 @@ def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
         ({"train_data_dir": "imgs"}, "only one of --dataset_name and --train_data_dir"),
         ({"train_batch_size": 0}, "--train_batch_size=0: must be a positive integer"),
         ({"learning_rate": -1.0}, "--learning_rate=-1.0: must be positive"),
+        ({"learning_rate": math.inf}, "--learning_rate=inf: must be finite"),
+        ({"adam_epsilon": math.inf}, "--adam_epsilon=inf: must be finite"),
         ({"lr_scheduler": "cosine_annealing"}, "--lr_scheduler='cosine_annealing': choose one of"),
         ({"mixed_precision": "fp8"}, "--mixed_precision='fp8'"),
         ({"resolution": 48}, "--resolution=48 must be divisible by 32"),
@@ -213,6 +222,10 @@ def test_bad_config_file_is_a_usage_error(tmp_path, capsys):
 def test_invalid_settings_raise_naming_the_flag(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_config(TrainConfig(**{"dataset_name": "x", **changes}))
+
+
+def test_an_infinite_max_grad_norm_means_no_clipping():
+    check_config(TrainConfig(dataset_name="x", max_grad_norm=math.inf))  # accepted: torch's clipping is a no-op then
 
 
 def test_resolution_must_suit_a_custom_model(tiny_unet_json):

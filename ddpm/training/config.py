@@ -310,6 +310,8 @@ def _check_rates(config: TrainConfig) -> None:
     for name in _POSITIVE_RATES:
         if not getattr(config, name) > 0:
             raise _bad(config, name, "must be positive")
+        if name != "max_grad_norm" and not math.isfinite(getattr(config, name)):  # inf max_grad_norm: no clipping
+            raise _bad(config, name, "must be finite")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise _bad(config, name, "must be in [0, 1)")
