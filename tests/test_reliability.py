@@ -146,6 +146,18 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     args = [*make_train_args(tmp_path / "strict"), "--train_data_dir", str(folder), *QUIET]
     with pytest.raises(SystemExit, match=r"^train\.py: error: .*img_07\.png.*--skip_corrupt_images"):
         script.main(args)
+    # Met in a DataLoader worker (which ignores SIGTERM): the message, not the worker's traceback, and the process
+    # exits instead of waiting at exit for the worker that the error's traceback kept alive.
+    workers = [*args, "--overwrite_output_dir", "--dataloader_num_workers", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *workers],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    message = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert re.fullmatch(
+        r"train\.py: error: Cannot read image file '[^']*img_07\.png' .* --skip_corrupt_images .*", message
+    ), message
     with pytest.raises(CorruptImageError, match=r"img_07\.png"):  # the Python API raises it
         run([*args, "--overwrite_output_dir"])
 
@@ -518,7 +530,7 @@ def test_a_write_the_os_refuses_is_the_clear_error_whichever_file_it_hits(
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
         capture_output=True, text=True, env=subprocess_env(), preexec_fn=limit_file_size, timeout=300,
-    )
+    )  # fmt: skip
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr

@@ -185,6 +185,19 @@ def build_dataloader(
     )
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """End the worker processes of ``loader`` (persistent ones live as long as the loader) now.
+
+    The training's workers ignore SIGTERM and SIGINT (:func:`ddpm.runtime.distributed.ignore_stop_signals`): when a
+    run fails with the loader still referred to (by the error's traceback), the interpreter's exit handler, which
+    terminates child processes with SIGTERM and then joins them, would wait for them forever.
+    """
+    iterator = loader._iterator  # torch keeps the persistent workers' iterator here
+    if iterator is not None:
+        iterator._shutdown_workers()  # what its __del__ does: tell the workers to leave, join them
+        loader._iterator = None
+
+
 def collate(samples: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """The DataLoader's batching: a dataset that makes whole batches (``__getitems__``) hands over a tensor as is."""
     return samples if isinstance(samples, torch.Tensor) else torch.utils.data.default_collate(samples)

@@ -35,9 +35,18 @@ def process_rank() -> int:
         return 0
 
 
+# How torch's DataLoader re-raises in the main process an error a worker process met: the worker's traceback, whose
+# last line is "ErrorType: the original message", is the new exception's message after this line.
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
 def error_line(prog: str, message: object) -> str:
-    """``prog: error: message`` on one line (a multi-line message is joined)."""
-    return f"{prog}: error: " + " ".join(str(message).split("\n"))
+    """``prog: error: message`` on one line (a multi-line message is joined; of an error a DataLoader worker met,
+    the original message only, not the worker's traceback)."""
+    text = str(message)
+    if _WORKER_TRACEBACK in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return f"{prog}: error: " + " ".join(text.split("\n"))
 
 
 class ScriptParser(argparse.ArgumentParser):

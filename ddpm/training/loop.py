@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.sampler import stop_workers
 from ..io.hub import scrub_tokens
 from ..io.lock import release_lock
 from ..models.ema import EMA
@@ -80,6 +81,7 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
             finish_saves(run)  # the run ends once its last checkpoint and export are on disk
         finally:
             _settle_saves(run)
+            stop_workers(run.loader)  # a run that failed would otherwise wait at exit for workers that never leave
             run.log.close()
         barrier(ctx)
         if run.uploads is not None:  # rank 0 waits for its last Hub upload once the others have left
