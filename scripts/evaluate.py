@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ddpm.evaluation.inception import load_inception
-from ddpm.evaluation.metrics import KID_SUBSET_SIZE, evaluate
+from ddpm.evaluation.metrics import KID_SUBSET_SIZE, check_stats_path, evaluate
 from ddpm.runtime.cli import ScriptParser, user_errors
 
 
@@ -43,8 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{flag} is too small: {getattr(args, flag)}")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
-    if args.save_stats is not None and not args.save_stats.endswith(".npz"):  # refused now, not after the features
-        parser.error(f"--save_stats {args.save_stats}: the statistics file name must end in .npz")
+    if args.save_stats is not None:  # refused now, not after the features
+        try:
+            check_stats_path(args.save_stats)
+        except ValueError as e:
+            parser.error(f"--save_stats: {e}")
     return args
 
 

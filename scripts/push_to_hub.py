@@ -3,7 +3,9 @@
     python scripts/push_to_hub.py --folder runs/cifar --repo_id me/ddpm-cifar [--private] [--commit_message MSG]
 
 Only the pipeline files are uploaded (model_index.json, unet/, scheduler/, README.md, samples.png), never
-checkpoints or logs, unless ``--allow_patterns`` says otherwise. The token comes from ``--hub_token``, ``HF_TOKEN``
+checkpoints or logs, and the repo's pipeline files that the folder does not have are deleted (an older float32
+weights file after an fp16 export, a samples.png of older weights), unless ``--allow_patterns`` says otherwise:
+then those files are uploaded and nothing is deleted. The token comes from ``--hub_token``, ``HF_TOKEN``
 or the cached ``hf auth login``, and is never printed.
 """
 
@@ -24,7 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--private", "--hub_private_repo", dest="private", action="store_true", help="private repo")
     parser.add_argument("--commit_message", default="Upload DDPM pipeline")
     parser.add_argument(
-        "--allow_patterns", nargs="+", default=None, help="upload these patterns instead of the pipeline files"
+        "--allow_patterns",
+        nargs="+",
+        default=None,
+        help="upload these patterns instead of the pipeline files (and delete nothing on the Hub)",
     )
     return parser.parse_args(argv)
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import diffusers
@@ -260,6 +261,12 @@ def test_failed_write_leaves_previous_export_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_pipeline(unet_config, schedule_config, _random_model(unet_config).state_dict(), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    # a file system that allocates late refuses the data at fsync: still before the commit touches the export
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_pipeline(unet_config, schedule_config, _random_model(unet_config, 1).state_dict(), folder)
+    assert _digest(folder) == before
 
 
 def test_interrupted_commit_leaves_no_model_index(tmp_path, monkeypatch):

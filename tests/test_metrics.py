@@ -306,11 +306,12 @@ def test_evaluate_script_identical_sets_and_stats_only(random_weights, small_inp
 
 def test_a_statistics_file_name_without_npz_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate_script, "load_inception", lambda *a, **k: pytest.fail("work began"))
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate_script.main(["--reference", "builtin:digits", "--save_stats", str(tmp_path / "stats")])
-    assert exit_info.value.code == 2
-    message = f"error: --save_stats {tmp_path / 'stats'}: the statistics file name must end in .npz"
-    assert message in capsys.readouterr().err
+    for name in ("stats", ".npz"):  # no suffix; a hidden file named .npz (no suffix either)
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_script.main(["--reference", "builtin:digits", "--save_stats", str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        message = f"error: --save_stats: statistics file name must end in .npz, got {tmp_path / name}"
+        assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ real weights

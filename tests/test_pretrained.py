@@ -235,14 +235,13 @@ def test_hub_id_downloads_only_what_is_needed(tmp_path, hub_repo):
     _, schedule_config, loaded = load_model("google/ddpm-tiny", cache_dir=tmp_path / "cache")
     assert schedule_config.variance_type == "fixed_large"
     assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
-    # safetensors asked for first, then a variant's safetensors; this repo only has .bin, so a third call asks for it
-    assert [(c[0], c[1]) for c in calls] == [("google/ddpm-tiny", tmp_path / "cache")] * 3
-    first, second, third = (c[2] for c in calls)
+    # safetensors asked for first; this repo only has .bin, so a second call asks for that (as the folder is read)
+    assert [(c[0], c[1]) for c in calls] == [("google/ddpm-tiny", tmp_path / "cache")] * 2
+    first, second = (c[2] for c in calls)
     assert "unet/diffusion_pytorch_model.safetensors" in first and not any(p.endswith(".bin") for p in first)
-    assert "unet/diffusion_pytorch_model.*.safetensors" in second
-    assert "unet/diffusion_pytorch_model.bin" in third and not any(p.endswith(".safetensors") for p in third)
+    assert "unet/diffusion_pytorch_model.bin" in second and not any(p.endswith(".safetensors") for p in second)
     assert "model_index.json" in first and "scheduler/scheduler_config.json" in first
-    assert not any(p.startswith("*") for p in first + second + third)  # named files only, never the whole repo
+    assert not any(p.startswith("*") for p in first + second)  # named files only, never the whole repo
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -256,7 +255,7 @@ def test_a_hub_model_exported_in_half_precision_loads(tmp_path, hub_repo, dtype)
     export_pipeline(unet_config, ScheduleConfig(), weights, remote, dtype=dtype)
     _, _, loaded = load_model("me/ddpm-half", cache_dir=tmp_path / "cache")
     assert all(torch.equal(loaded[k], v.to(dtype)) for k, v in weights.items())
-    assert len(calls) == 2  # float32 safetensors asked for first, then the variant
+    assert len(calls) == 3  # float32 safetensors asked for first, then .bin, then a variant
     variant = next((remote / "unet").glob("diffusion_pytorch_model.*.safetensors"))
     shutil.copy(variant, tmp_path / variant.name)
     export_pipeline(unet_config, ScheduleConfig(), weights, remote)  # float32 (an export replaces unet/ wholesale)

@@ -167,6 +167,26 @@ def test_a_corrupt_image_stops_the_run_naming_the_file_or_is_skipped_and_counted
     assert [m["corrupt_images_skipped"] for m in read_metrics(tmp_path / "lenient")][-1] == 1
 
 
+@pytest.mark.parametrize(("rank", "prefix"), [("0", ""), ("1", "[rank 1] ")])
+def test_an_error_a_dataloader_worker_met_is_its_own_line_with_the_rank(monkeypatch, rank, prefix):
+    """Bad input: torch re-raises a worker's error with the worker's traceback as its message; the one line is the
+    original message, with the rank of the process that met it (under torchrun, not rank 0)."""
+    from torch._utils import ExceptionWrapper  # how the DataLoader hands a worker's error to the main process
+
+    from ddpm.runtime.cli import user_errors
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        raise CorruptImageError("Cannot read image file 'a.png' (dataset index 3): OSError: image file is truncated")
+    except CorruptImageError:  # the worker's side
+        worker_error = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(SystemExit) as exit_info, user_errors("train.py", CorruptImageError):
+        worker_error.reraise()
+    message = "Cannot read image file 'a.png' (dataset index 3): OSError: image file is truncated"
+    assert exit_info.value.code == f"train.py: error: {prefix}{message}"
+
+
 def finish(command, hf_home):
     """Run ``command`` to its end, with no Hugging Face token anywhere (``hf_home``: an empty folder)."""
     env = subprocess_env(HF_HOME=str(hf_home))
@@ -541,6 +561,29 @@ def test_a_write_the_os_refuses_is_the_clear_error_whichever_file_it_hits(
     assert ("the last export write failed too: could not save the pipeline to" in result.stderr) == export_refused
     out = tmp_path / "run"
     assert list_checkpoints(out) == [] and not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "rust_message",
+    [
+        "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors >= 0.5
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })',  # 0.4
+    ],
+)
+def test_a_failed_safetensors_write_is_the_oserror_it_is(tmp_path, monkeypatch, rust_message):
+    """Faults: safetensors reports a failed write as a SafetensorError whose message alone holds the OS error, in a
+    format that changed between releases: both give the OSError (errno, file) the save messages are built from."""
+    from safetensors import SafetensorError
+
+    import ddpm.io.files as files_module
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError(rust_message)
+
+    monkeypatch.setattr(files_module, "save_file", full_disk)
+    with pytest.raises(OSError) as failure:
+        files_module.write_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(tmp_path / "w.safetensors")
 
 
 def test_fp16_overflow_steps_skipped_by_the_grad_scaler_are_counted(tmp_path, tiny_train_args, monkeypatch):

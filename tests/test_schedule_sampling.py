@@ -7,6 +7,7 @@ import torch
 from unet_configs import TINY
 
 from ddpm import NoiseSchedule, ScheduleConfig, UNet, ddim_sample, ddpm_sample, inference_timesteps
+from ddpm.diffusion.dpm_solver import dpm_solver_timesteps
 from ddpm.diffusion.schedule import BETA_SCHEDULES, offset_noise
 from ddpm.io.diffusers_format import schedule_config_from_diffusers, unet_config_from_diffusers
 from ddpm.io.images import save_grid, to_uint8
@@ -51,22 +52,22 @@ def test_inference_timesteps_rejects_too_many_steps():
         inference_timesteps(ScheduleConfig(), 1001)
 
 
-@pytest.mark.parametrize(("offset", "steps", "most"), [(1, 1000, 999), (2, 500, 499)])
-def test_a_steps_offset_that_would_pass_the_last_timestep_is_refused(offset, steps, most):
+@pytest.mark.parametrize(("offset", "steps", "fits"), [(1, 1000, 999), (2, 500, 400)])
+def test_a_steps_offset_that_would_pass_the_last_timestep_is_refused(offset, steps, fits):
     """Leading spacing shifted by ``steps_offset`` (as DDIM-made scheduler configs have) can start past the last
-    timestep, where diffusers' scheduler fails indexing its tables: refused, naming the largest count that fits,
-    which gives diffusers' timesteps."""
+    timestep, where diffusers' schedulers fail indexing their tables: refused, for DDPM/DDIM's timesteps and for
+    DPM-Solver's; a count that fits gives diffusers' timesteps."""
     reference = diffusers.DDPMScheduler(steps_offset=offset)
     reference.set_timesteps(steps)
     config = ScheduleConfig(steps_offset=offset)
     assert reference.timesteps[0] >= 1000  # where diffusers' step() would index past alphas_cumprod
-    with pytest.raises(
-        ValueError,
-        match=rf"steps_offset={offset} would start at timestep \d+, past the last one \(999\); use at most {most}$",
-    ):
+    message = rf"steps_offset={offset} would start at timestep \d+, past the last one \(999\): use fewer steps$"
+    with pytest.raises(ValueError, match=message):
         inference_timesteps(config, steps)
-    reference.set_timesteps(most)
-    assert inference_timesteps(config, most) == reference.timesteps.tolist()
+    with pytest.raises(ValueError, match=message):
+        dpm_solver_timesteps(config, steps - 1)  # DPM-Solver's leading grid has steps + 1 parts
+    reference.set_timesteps(fits)
+    assert inference_timesteps(config, fits) == reference.timesteps.tolist()
 
 
 def test_training_losses_match_train_unconditional_formulas():

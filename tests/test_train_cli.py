@@ -202,6 +202,8 @@ def test_config_without_a_value_is_train_pys_one_line_usage_error(capsys):
         ({"learning_rate": -1.0}, "--learning_rate=-1.0: must be positive"),
         ({"learning_rate": math.inf}, "--learning_rate=inf: must be finite"),
         ({"adam_epsilon": math.inf}, "--adam_epsilon=inf: must be finite"),
+        ({"adam_weight_decay": math.inf}, "--adam_weight_decay=inf: must be a finite number >= 0"),
+        ({"lr_num_cycles": math.inf}, "--lr_num_cycles=inf: must be a positive number"),
         ({"lr_scheduler": "cosine_annealing"}, "--lr_scheduler='cosine_annealing': choose one of"),
         ({"mixed_precision": "fp8"}, "--mixed_precision='fp8'"),
         ({"resolution": 48}, "--resolution=48 must be divisible by 32"),

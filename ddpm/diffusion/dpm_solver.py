@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .samplers import Generators, _image_shape, _initial_noise, _model_device_dtype
+from .samplers import Generators, _image_shape, _initial_noise, _model_device_dtype, check_first_timestep
 from .schedule import NoiseSchedule, ScheduleConfig
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
@@ -40,6 +40,7 @@ def dpm_solver_timesteps(config: ScheduleConfig, num_inference_steps: int) -> li
         steps = (np.arange(0, n + 1) * (t_max // (n + 1))).round()[::-1][:-1] + config.steps_offset
     else:  # trailing
         steps = np.arange(t_max, 0, -t_max / n).round() - 1
+    check_first_timestep(int(steps[0]), config, n)
     out = [int(t) for t in steps.astype(np.int64)]
     if len(set(out)) != len(out):
         raise ValueError(

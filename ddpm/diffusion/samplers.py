@@ -33,14 +33,18 @@ def inference_timesteps(config: ScheduleConfig, num_inference_steps: int) -> lis
         steps = (np.arange(num_inference_steps) * (t_max // num_inference_steps)).round()[::-1] + config.steps_offset
     else:  # trailing
         steps = np.round(np.arange(t_max, 0, -t_max / num_inference_steps)) - 1
-    if steps[0] >= t_max:  # leading spacing shifted by steps_offset past the last timestep (diffusers then crashes)
-        fits = [n for n in range(1, num_inference_steps) if (n - 1) * (t_max // n) + config.steps_offset < t_max]
+    check_first_timestep(int(steps[0]), config, num_inference_steps)
+    return [int(t) for t in steps.astype(np.int64)]
+
+
+def check_first_timestep(first: int, config: ScheduleConfig, num_inference_steps: int) -> None:
+    """A ValueError when "leading" spacing shifted by ``steps_offset`` (as DDIM-made scheduler configs have) starts
+    past the last timestep, where diffusers' schedulers fail indexing their tables."""
+    if first >= config.num_train_timesteps:
         raise ValueError(
             f"num_inference_steps={num_inference_steps} with steps_offset={config.steps_offset} would start at "
-            f"timestep {int(steps[0])}, past the last one ({t_max - 1})"
-            + (f"; use at most {max(fits)}" if fits else "")
+            f"timestep {first}, past the last one ({config.num_train_timesteps - 1}): use fewer steps"
         )
-    return [int(t) for t in steps.astype(np.int64)]
 
 
 def _predict_x0_eps(

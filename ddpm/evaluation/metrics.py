@@ -50,6 +50,14 @@ SEED = 2020  # torch-fidelity's rng_seed, used for the IS shuffle and the KID su
 # ----------------------------------------------------------------------------------------------------- statistics
 
 
+def check_stats_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if it names a statistics file (``.npz``: numpy would add the suffix otherwise)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"statistics file name must end in .npz, got {path}")
+    return path
+
+
 @dataclass(frozen=True)
 class FeatureStats:
     """Mean and covariance of Inception pool3 features: all that FID needs of a set of images."""
@@ -82,9 +90,7 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma``, ``num_images`` to a ``.npz`` atomically (exactly at ``path``); returns it."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ValueError(f"statistics file name must end in .npz, got {path}")
+        path = check_stats_path(path)
         # shared: every rank of a run may cache the same reference statistics
         with atomic_write_file(path, shared=True) as tmp, open(tmp, "wb") as f:
             np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))  # np.savez(name) adds .npz

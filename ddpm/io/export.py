@@ -48,7 +48,7 @@ from .diffusers_format import (
     validate_state_dict,
     weights_name,
 )
-from .files import atomic_write_dir, commit_file, write_json, write_safetensors
+from .files import atomic_write_dir, commit_file, fsync_tree, write_json, write_safetensors
 from .hub import scrub_tokens
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ def export_pipeline(
         if sample_grid is not None:
             shutil.copyfile(sample_grid, staging / SAMPLE_GRID_NAME)
         write_json(model_index_json(), staging / MODEL_INDEX_NAME)
+        fsync_tree(staging)  # a disk that refuses the data refuses it now, while the previous export is whole
         _commit(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

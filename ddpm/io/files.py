@@ -20,7 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# How safetensors' Rust writer names the OS error of a failed write: "... (os error 28)" (0.5 on), "IoError(Os {
+# code: 28, ...})" (0.4).
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
 @contextmanager
@@ -36,7 +38,7 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_path.name}-", dir=final_path.parent))
     try:
         yield tmp
-        _fsync_dir_tree(tmp)
+        fsync_tree(tmp)
         if final_path.exists():
             old = final_path.with_name(replaced_dir_name(final_path.name, os.getpid()))
             final_path.rename(old)
@@ -81,8 +83,9 @@ def commit_file(written: Path, final_path: Path) -> None:
     os.replace(written, final_path)
 
 
-def _fsync_dir_tree(root: Path) -> None:
-    """Flush file contents to disk before the rename makes them visible (a power cut must not expose zeros)."""
+def fsync_tree(root: Path) -> None:
+    """Flush the contents of the files under ``root`` to disk (before a rename makes them visible: a power cut must
+    not expose zeros; a full disk may refuse only here, where file systems allocate late)."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
@@ -115,11 +118,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Non
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     except SafetensorError as e:
-        # The Rust writer reports an I/O failure only in its message: "... I/O error: ... (os error 28)".
-        found = _OS_ERROR.search(str(e))
+        found = _OS_ERROR.search(str(e))  # the Rust writer gives the OS error in its message only
         if found is None:
             raise
-        code = int(found.group(1))
+        code = int(found.group(1) or found.group(2))
         raise OSError(code, os.strerror(code), str(path)) from e
 
 

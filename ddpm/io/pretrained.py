@@ -223,9 +223,9 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
 
 
 def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
-    """Fetch the configs and one set of UNet weights of a Hub model: safetensors if it has them, else a variant's
-    safetensors (a model exported in fp16 or bf16 has only ``diffusion_pytorch_model.fp16.safetensors``), else
-    ``.bin``; never more than the first kind found."""
+    """Fetch the configs and one kind of UNet weights of a Hub model, in the order :func:`read_unet_weights` reads
+    them: safetensors if it has them, else ``.bin``, else a variant's safetensors (a model exported in fp16 or bf16
+    has only ``diffusion_pytorch_model.fp16.safetensors``)."""
     configs = [MODEL_INDEX_NAME, *UNET_CONFIG_PATHS, *SCHEDULER_CONFIG_PATHS]
 
     def in_both_layouts(names: list[str]) -> list[str]:  # a pipeline's unet/ or a bare model's root
@@ -236,7 +236,7 @@ def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
             [f"{WEIGHTS_STEM}.{suffix}", f"{WEIGHTS_STEM}.{suffix}.index.json", f"{WEIGHTS_STEM}-*.{suffix}"]
         )
 
-    for names in (weights("safetensors"), in_both_layouts([f"{WEIGHTS_STEM}.*.safetensors"]), weights("bin")):
+    for names in (weights("safetensors"), weights("bin"), in_both_layouts([f"{WEIGHTS_STEM}.*.safetensors"])):
         folder = _snapshot(repo_id, configs + names, cache_dir)
         if any(any(folder.glob(name)) for name in names):
             break

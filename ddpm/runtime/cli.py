@@ -41,12 +41,17 @@ _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
 
 def error_line(prog: str, message: object) -> str:
-    """``prog: error: message`` on one line (a multi-line message is joined; of an error a DataLoader worker met,
-    the original message only, not the worker's traceback)."""
-    text = str(message)
+    """``prog: error: message`` on one line (a multi-line message is joined)."""
+    return f"{prog}: error: " + " ".join(str(message).split("\n"))
+
+
+def _message(error: BaseException) -> str:
+    """``error``'s message; of an error a DataLoader worker met, the worker's own message (the last line of its
+    traceback: this project's messages are one line), not the traceback."""
+    text = str(error)
     if _WORKER_TRACEBACK in text:
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return f"{prog}: error: " + " ".join(text.split("\n"))
+    return text
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -98,7 +103,8 @@ def user_errors(prog: str, *errors: type[BaseException]) -> Iterator[None]:
         rank = process_rank()
         if leave_together():  # rank 0 fails too (an error every rank meets): it prints the line
             raise SystemExit(1) from None
-        raise SystemExit(error_line(prog, e if rank == 0 else f"[rank {rank}] {e}")) from None
+        message = _message(e)
+        raise SystemExit(error_line(prog, message if rank == 0 else f"[rank {rank}] {message}")) from None
     except RuntimeError as e:
         if debugging() or not lost_peer(e):
             raise  # a bug: its traceback

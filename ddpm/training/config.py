@@ -315,14 +315,14 @@ def _check_rates(config: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise _bad(config, name, "must be in [0, 1)")
-    if not config.adam_weight_decay >= 0:
-        raise _bad(config, "adam_weight_decay", "must be >= 0")
+    if not (config.adam_weight_decay >= 0 and math.isfinite(config.adam_weight_decay)):
+        raise _bad(config, "adam_weight_decay", "must be a finite number >= 0")
     if not 0 <= config.ema_max_decay <= 1:
         raise _bad(config, "ema_max_decay", "must be in [0, 1]")
     if config.lr_scheduler == "polynomial" and not config.learning_rate > POLYNOMIAL_LR_END:
         raise _bad(config, "learning_rate", f"the polynomial schedule decays to {POLYNOMIAL_LR_END}: start above it")
-    if config.lr_num_cycles is not None and not config.lr_num_cycles > 0:
-        raise _bad(config, "lr_num_cycles", "must be positive")
+    if config.lr_num_cycles is not None and not (config.lr_num_cycles > 0 and math.isfinite(config.lr_num_cycles)):
+        raise _bad(config, "lr_num_cycles", "must be a positive number")
     if config.lr_scheduler == "piecewise_constant":
         parse_step_rules(config.lr_step_rules)
     if config.snr_gamma is not None and not (config.snr_gamma > 0 and math.isfinite(config.snr_gamma)):

@@ -65,7 +65,8 @@ def train(config: TrainConfig, command: str | None = None) -> TrainResult:
     ends the run after the current step with a checkpoint (``result.stopped_by_signal``). Raises
     :class:`~ddpm.training.errors.TrainingDiverged` after ``max_nonfinite_steps`` skipped steps in a row,
     :class:`~ddpm.training.errors.CheckpointSaveError` when a checkpoint cannot be written (the previous one stays
-    intact); a rank that dies or hangs makes the others fail within ``ddp_timeout`` seconds.
+    intact), :class:`~ddpm.training.errors.ExportError` when the pipeline cannot be exported; a rank that dies or
+    hangs makes the others fail within ``ddp_timeout`` seconds.
     """
     ctx = init_distributed(config.device, config.ddp_timeout, config.local_rank)
     try:
