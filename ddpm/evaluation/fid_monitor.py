@@ -39,7 +39,7 @@ from ..io.images import to_uint8
 from ..models.ema import EMA
 from ..models.unet import UNet
 from ..runtime.distributed import DistributedContext, all_reduce_sum, broadcast_object
-from .generate import Autocast, sample_images, share_sampling_weights
+from .generate import Autocast, sample_images, share_sampling_weights, weights_digest
 from .inception import NUM_FEATURES, load_inception
 from .metrics import FeatureStats, compute_features, frechet_distance, load_source
 
@@ -117,7 +117,7 @@ class FIDMonitor:
             indices = np.linspace(0, len(training_images) - 1, min(len(training_images), MAX_REFERENCE_IMAGES))
             source = _TrainingImages(training_images, np.unique(indices.round().astype(np.int64)))
             what = {**training_source, "images": len(source), "dataset_images": len(training_images)}
-        what["inception"] = _fingerprint(self.inception)  # another --inception_weights gives other statistics
+        what["inception"] = weights_digest(self.inception.state_dict())  # other --inception_weights: other statistics
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         cache = cache_dir / f"{CACHE_PREFIX}-{key}.npz"
         # Rank 0's view decides: every rank must take the same branch, or the others would wait in the all-reduce.
@@ -176,12 +176,3 @@ class FIDMonitor:
         for tensor in (count, total, outer):
             all_reduce_sum(self.ctx, tensor)
         return FeatureStats.from_sums(int(count.item()), total.cpu().numpy(), outer.cpu().numpy())
-
-
-def _fingerprint(network: torch.nn.Module) -> str:
-    """A short hash of ``network``'s weights: statistics cached with other weights are never reused."""
-    digest = hashlib.sha256()
-    for name, tensor in network.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
