@@ -34,6 +34,7 @@ from .files import (
     read_safetensors,
     read_torch_state,
     replaced_dir_name,
+    replaced_dir_original,
     write_json,
     write_safetensors,
     write_torch_state,
@@ -306,13 +307,14 @@ def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    for aside in sorted(output_dir.glob(replaced_dir_name("checkpoint-*"))):
-        original = output_dir / aside.name.removeprefix(".old-").rpartition("-")[0]
-        if aside.is_dir() and not original.exists():
+    found = sorted(p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir())
+    for aside in sorted(p for p in output_dir.glob(replaced_dir_name("checkpoint-*")) if p.is_dir()):
+        original = output_dir / replaced_dir_original(aside.name)
+        if original.exists():
+            found.append(aside)  # the save completed: the old folder is garbage
+        else:
             aside.rename(original)
             logger.warning("restored %s, set aside by a checkpoint save that was interrupted", original)
-    found = sorted(p for p in output_dir.glob(".tmp-checkpoint-*") if p.is_dir())
-    found += sorted(p for p in output_dir.glob(replaced_dir_name("checkpoint-*")) if p.is_dir())
     for stale in found:
         shutil.rmtree(stale, ignore_errors=True)
     return found

@@ -53,8 +53,13 @@ def atomic_write_dir(final_path: str | Path) -> Iterator[Path]:
 
 def replaced_dir_name(name: str, pid: int | str = "*") -> str:
     """Where :func:`atomic_write_dir` keeps the folder ``name`` it replaces until the new one is in place (a glob
-    pattern with the default ``pid``)."""
+    pattern with the default ``pid``); :func:`replaced_dir_original` is the way back."""
     return f".old-{name}-{pid}"
+
+
+def replaced_dir_original(replaced: str) -> str:
+    """The name of the folder that :func:`replaced_dir_name` set aside as ``replaced``."""
+    return replaced.removeprefix(".old-").rpartition("-")[0]
 
 
 @contextmanager
