@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..data.datasets import DEFAULT_IMAGE_COLUMN
 from ..diffusion.sampling import SAMPLERS
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from ..runtime.precision import MIXED_PRECISION_CHOICES
@@ -147,7 +148,10 @@ class TrainConfig:
     seed: int | None = _flag(None, "Seed of everything random (data order, augmentations, noise, initial weights).")
     max_train_steps: int | None = _flag(None, "Total optimizer steps; overrides --num_epochs.")
     max_grad_norm: float = _flag(1.0, "Gradient-norm clipping threshold.")
-    image_column: str = _flag("image", "Dataset column holding the images (default: 'image', else the first one).")
+    image_column: str = _flag(
+        DEFAULT_IMAGE_COLUMN,
+        f"Dataset column holding the images (default: {DEFAULT_IMAGE_COLUMN!r}, else the first image column).",
+    )
     skip_corrupt_images: bool = _flag(
         False,
         "Replace an unreadable image by the next readable one and count it (metric corrupt_images_skipped) instead "
